@@ -1,0 +1,3 @@
+"""lowmem: train with memory-efficient Adam variants on PyTorch Lightning."""
+
+__version__ = "0.1.0"

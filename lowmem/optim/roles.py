@@ -1,0 +1,223 @@
+"""The single place that decides what a parameter *is*.
+
+Every per-parameter decision in lowmem reads this classifier: which tensors get weight decay,
+which SlimAdam compression rule applies, which AdaPM momentum a block keeps, how Adam-mini
+partitions a tensor. Nothing else in the code base matches parameter names.
+
+Classification goes by module type first (``nn.Embedding``, ``nn.Conv*``, norm layers, ...),
+and by the attribute name of the owning module second (``q_proj``, ``c_attn``, ``fc1`` ...),
+because ``nn.Linear`` alone does not say whether it is a query or an MLP projection.
+
+Each result also carries the *fan-in* and *fan-out* dimensions of the tensor, resolved per
+module type, so rules can be stated in those terms and never by raw tensor axis:
+
+=====================  ==============  ===========  ============
+module                 weight shape    fan_in dims  fan_out dims
+=====================  ==============  ===========  ============
+``nn.Linear``          (out, in)       (1,)         (0,)
+HF ``Conv1D``          (in, out)       (0,)         (1,)
+``nn.Conv{1,2,3}d``    (out, in, *k)   (1, 2, ...)  (0,)
+``nn.ConvTranspose*``  (in, out, *k)   (0, 2, ...)  (1,)
+``nn.Embedding``       (num, dim)      (1,)         (0,)   (fan_in = the embedding dim)
+=====================  ==============  ===========  ============
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["Role", "ParamRole", "classify_parameters", "weight_decay_param_groups"]
+
+
+class Role(enum.StrEnum):
+    """What a parameter is, as far as an optimizer cares."""
+
+    EMBEDDING = "embedding"  # token embedding
+    POSITION_EMBEDDING = "position_embedding"
+    QUERY = "query"
+    KEY = "key"
+    VALUE = "value"
+    QKV = "qkv"  # fused query/key/value projection (nanoGPT c_attn, nn.MultiheadAttention)
+    ATTN_OUT = "attn_out"
+    MLP_UP = "mlp_up"
+    MLP_GATE = "mlp_gate"
+    MLP_DOWN = "mlp_down"
+    LM_HEAD = "lm_head"
+    CONV = "conv"
+    CLASSIFIER = "classifier"  # vision / generic output head
+    NORM = "norm"
+    BIAS = "bias"
+    OTHER = "other"
+
+
+NO_DECAY_ROLES = frozenset({Role.NORM, Role.BIAS, Role.POSITION_EMBEDDING})
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase, nn.RMSNorm,
+)  # fmt: skip
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+# Attribute names of Linear layers, by role (module name, last component, lower case).
+_LINEAR_NAMES: dict[Role, tuple[str, ...]] = {
+    Role.QUERY: ("q_proj", "query", "wq", "to_q", "q"),
+    Role.KEY: ("k_proj", "key", "wk", "to_k", "k"),
+    Role.VALUE: ("v_proj", "value", "wv", "to_v", "v"),
+    Role.QKV: ("c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj", "to_qkv"),
+    Role.ATTN_OUT: ("o_proj", "out_proj", "wo", "to_out", "attn_out", "dense"),
+    Role.MLP_UP: ("up_proj", "fc1", "c_fc", "w1", "fc_in", "dense_h_to_4h", "up"),
+    Role.MLP_GATE: ("gate_proj", "w3", "gate"),
+    Role.MLP_DOWN: ("down_proj", "fc2", "w2", "fc_out", "dense_4h_to_h", "down"),
+    Role.LM_HEAD: ("lm_head", "embed_out", "output"),
+    Role.CLASSIFIER: ("classifier", "head", "fc"),
+}
+# `c_proj` / `proj` mean the attention output inside an attention block, the MLP down
+# projection inside an MLP block (nanoGPT, GPT-2, timm ViT).
+_CONTEXT_NAMES = ("c_proj", "proj")
+_ATTN_CONTEXT = ("attn", "attention", "self_attn", "mixer")
+_POSITION_NAMES = ("wpe", "pos_emb", "position_embeddings", "pos_embed", "position_embedding")
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """One parameter of a model, with its role and fan dimensions.
+
+    ``fan_in_dims``/``fan_out_dims`` are tensor dimensions of the parameter as the optimizer
+    sees it (empty for 1-D parameters).
+    """
+
+    name: str
+    param: nn.Parameter
+    module: nn.Module
+    role: Role
+    fan_in_dims: tuple[int, ...]
+    fan_out_dims: tuple[int, ...]
+
+    @property
+    def decays(self) -> bool:
+        """Whether weight decay applies: matrices and kernels only, never norms/biases/1-D."""
+        return self.param.ndim >= 2 and self.role not in NO_DECAY_ROLES
+
+
+def _fan_dims(module: nn.Module, param_name: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if ndim < 2:
+        return (), ()
+    rest = tuple(range(2, ndim))
+    if isinstance(module, _CONV_T_TYPES):
+        return (0, *rest), (1,)
+    if isinstance(module, _CONV_TYPES):
+        return (1, *rest), (0,)
+    if type(module).__name__ == "Conv1D":  # Hugging Face GPT-2 style: weight is (in, out)
+        return (0,), (1,)
+    return (1, *rest), (0,)  # Linear, Embedding and anything (out, in, ...)-shaped
+
+
+def _linear_role(path: tuple[str, ...], is_root_child: bool) -> Role:
+    leaf = path[-1].lower() if path else ""
+    parents = [p.lower() for p in path[:-1]]
+    if leaf in _CONTEXT_NAMES:
+        in_attn = any(any(a in p for a in _ATTN_CONTEXT) for p in parents)
+        return Role.ATTN_OUT if in_attn else Role.MLP_DOWN
+    for role, names in _LINEAR_NAMES.items():
+        if leaf in names:
+            if role is Role.LM_HEAD and leaf == "output" and not is_root_child:
+                continue
+            if role is Role.ATTN_OUT and leaf == "dense":
+                in_attn = any(any(a in p for a in _ATTN_CONTEXT) for p in parents)
+                if not in_attn:
+                    continue
+            return role
+    return Role.OTHER
+
+
+def _module_role(module: nn.Module, path: tuple[str, ...], param_name: str, ndim: int) -> Role:
+    if isinstance(module, _NORM_TYPES) or (path and "norm" in path[-1].lower() and ndim <= 1):
+        return Role.NORM
+    if param_name == "bias" or param_name.endswith("_bias"):
+        return Role.BIAS
+    if isinstance(module, nn.Embedding):
+        leaf = path[-1].lower() if path else ""
+        return Role.POSITION_EMBEDDING if leaf in _POSITION_NAMES else Role.EMBEDDING
+    if isinstance(module, nn.MultiheadAttention):
+        return Role.QKV if param_name == "in_proj_weight" else Role.OTHER
+    if isinstance(module, _CONV_TYPES + _CONV_T_TYPES):
+        return Role.CONV
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return _linear_role(path, is_root_child=len(path) == 1)
+    if path and path[-1].lower() in _POSITION_NAMES:
+        return Role.POSITION_EMBEDDING
+    return Role.OTHER
+
+
+def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    """(full name, owning module, local name, param) for each unique parameter; the first owner wins
+    for tied weights (so a tied LM head is classified by its embedding)."""
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for local_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{mod_name}.{local_name}" if mod_name else local_name
+            yield full, module, local_name, param
+
+
+def classify_parameters(
+    model: nn.Module, overrides: Mapping[str, Role | str] | None = None, *, trainable_only: bool = True
+) -> list[ParamRole]:
+    """Classify every (unique, trainable) parameter of ``model``.
+
+    Args:
+        model: the model; wrappers (DDP, compiled modules) should be unwrapped first.
+        overrides: ``{fnmatch pattern on the parameter name: role}``; the first matching pattern
+            wins. Use it for custom layers the classifier cannot read, e.g.
+            ``{"*.my_attn.wq.weight": "query"}``. A model may also define ``lowmem_roles()``
+            returning such a mapping.
+        trainable_only: skip parameters with ``requires_grad=False``.
+    """
+    own = dict(getattr(model, "lowmem_roles", lambda: {})())
+    own.update(overrides or {})
+    unknown = {str(v) for v in own.values()} - {r.value for r in Role}
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)} in overrides; valid roles: {[r.value for r in Role]}")
+    result = []
+    for full, module, local, param in _owned_parameters(model):
+        if trainable_only and not param.requires_grad:
+            continue
+        mod_path = tuple(full.split(".")[:-1])
+        role = next((Role(r) for pat, r in own.items() if fnmatch.fnmatchcase(full, pat)), None)
+        if role is None:
+            role = _module_role(module, mod_path, local, param.ndim)
+        fan_in, fan_out = _fan_dims(module, local, param.ndim)
+        result.append(ParamRole(full, param, module, role, fan_in, fan_out))
+    return result
+
+
+def weight_decay_param_groups(
+    model: nn.Module, weight_decay: float | None = None, overrides: Mapping[str, Role | str] | None = None
+) -> list[dict]:
+    """Two param groups: matrices/kernels with weight decay, norms/biases/1-D params without.
+
+    Names listed by the model's own ``no_weight_decay()`` (timm convention) also go without decay.
+    With ``weight_decay=None`` the decayed group inherits the optimizer's default. Parameters are
+    given as ``(name, param)`` pairs, so torch stores ``param_names`` in every group.
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    decay, no_decay = [], []
+    for info in classify_parameters(model, overrides):
+        (decay if info.decays and info.name not in skip else no_decay).append(info)
+    groups = []
+    if decay:
+        g = {"params": [(i.name, i.param) for i in decay]}
+        if weight_decay is not None:
+            g["weight_decay"] = weight_decay
+        groups.append(g)
+    if no_decay:
+        groups.append({"params": [(i.name, i.param) for i in no_decay], "weight_decay": 0.0})
+    return groups
