@@ -1,0 +1,108 @@
+"""`lowmem fit|validate|test|predict --config X.yaml`: LightningCLI wired the lowmem way.
+
+- model and data in subclass mode: any ``LowMemModule`` / ``LightningDataModule`` subclass is
+  selected by ``class_path``, including a user's own;
+- optimizers are injected into the module as callables (``model.init_args.optimizer``), never via
+  the CLI's automatic top-level ``optimizer:`` key, which cannot express parameter groups and
+  builds the optimizer before sharding;
+- ``config.yaml`` is saved next to the logs and overwritten on a second run into the same dir;
+- bad input (missing file, unknown class, misspelled key, invalid hyperparameter) ends with a
+  one-line ``lowmem: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Lightning 2.6 itself calls jsonargparse APIs deprecated in 4.49; the warnings are not actionable
+# for a lowmem user.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
+from lowmem.lightning_modules.base import ConfigError, LowMemModule
+
+__all__ = ["LowMemCLI", "main"]
+
+
+# Lines of jsonargparse's Union-type diagnostics that restate the obvious.
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value type:",
+    "Given value:",
+)
+
+
+def condense_parser_error(message: str) -> str:
+    """One readable line from a jsonargparse error: the key, the problem, the detail."""
+    lines = [line.strip(" -") for line in message.splitlines()]
+    return " ".join(line for line in lines if line and not any(noise in line for noise in _PARSER_NOISE))
+
+
+class LowMemArgumentParser(LightningArgumentParser):
+    """Prints parse errors as one ``lowmem: error: ...`` line instead of the full usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"lowmem: error: {condense_parser_error(message)}\n(see `{prog} --help`)\n")
+        self.exit(2)
+
+
+class LowMemCLI(LightningCLI):
+    """LightningCLI with lowmem's conventions; ``LOWMEM_*`` environment variables override keys."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LowMemModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"env_prefix": "LOWMEM", "default_env": False},
+            parser_class=LowMemArgumentParser,
+            args=args,
+            run=run,
+        )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"could not build the configured classes: {condense_parser_error(str(err))}") from err
+
+    def after_fit(self) -> None:
+        self._report("fit")
+
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, stage: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
+        if metrics:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+            print(f"lowmem {stage}: step {self.trainer.global_step}: {shown}")
+        if self.trainer.log_dir and self.trainer.logger is not None:
+            print(f"lowmem {stage}: logs in {self.trainer.log_dir}")
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lowmem`` console script; ``main(["fit", "--config", path])`` from Python."""
+    try:
+        LowMemCLI(args=args)
+    except ConfigError as err:
+        print(f"lowmem: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

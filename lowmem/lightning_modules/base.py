@@ -1,0 +1,118 @@
+"""`LowMemModule`: the LightningModule every lowmem model subclasses.
+
+A subclass says *what* to compute (``forward``, ``compute_loss``) and the base wires *how* it
+is optimized: the optimizer arrives as a callable (``OptimizerCallable``: params -> Optimizer),
+so parameter groups are built in ``configure_optimizers``, after ``configure_model`` and after any
+strategy wrapping, from the one shared role classifier (``lowmem.optim.roles``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim import Optimizer
+
+from lowmem.optim.roles import weight_decay_param_groups
+
+__all__ = ["LowMemModule", "ConfigError", "default_optimizer"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the CLI prints it as a one-line error."""
+
+
+def default_optimizer(params: Iterable) -> Optimizer:
+    """AdamW with torch's defaults (lr 1e-3, weight_decay 1e-2)."""
+    return torch.optim.AdamW(params)
+
+
+class LowMemModule(pl.LightningModule):
+    """Base LightningModule: optimizer and scheduler injected as callables.
+
+    Args:
+        optimizer: builds the optimizer from parameter groups, e.g. in YAML
+            ``{class_path: lowmem.optim.HMAdamW, init_args: {lr: 3e-4}}``. It receives two groups
+            (matrices/kernels with the optimizer's weight decay; norms, biases and 1-D params with
+            ``weight_decay=0``) given as ``(name, param)`` pairs.
+        lr_scheduler: optional, builds a scheduler from the optimizer; stepped every optimizer step
+            (``interval="step"``), or on ``monitor`` for ``ReduceLROnPlateau``.
+        monitor: the metric ``ReduceLROnPlateau`` watches.
+
+    Subclasses implement ``forward`` and ``compute_loss(batch) -> (loss, metrics dict)``; the base
+    logs ``train/loss``, ``val/loss`` (and every extra metric under ``train/``/``val/``) and ``lr``.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.monitor = monitor
+
+    # --- what subclasses provide -----------------------------------------------------------
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(loss, extra metrics)`` for one batch. Subclasses must implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(batch) -> (loss, metrics)")
+
+    # --- optimization ------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer; override to customise (the role classifier decides)."""
+        return weight_decay_param_groups(self)
+
+    def configure_optimizers(self) -> Any:
+        try:
+            optimizer = self.optimizer_factory(self.param_groups())
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"invalid optimizer configuration: {err}") from err
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        try:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"invalid lr_scheduler configuration: {err}") from err
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "step"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config.update(interval="epoch", monitor=getattr(scheduler, "monitor", self.monitor))
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # --- steps -------------------------------------------------------------------------------
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        loss, metrics = self.compute_loss(batch)
+        train = stage == "train"
+        batch_size = _batch_size(batch)
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=batch_size)
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, prog_bar=not train, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        self.log("lr", self._current_lr(), on_step=True, on_epoch=False, batch_size=1)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def _current_lr(self) -> float:
+        optimizers = self.optimizers(use_pl_optimizer=False)
+        optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
+        return float(optimizer.param_groups[0]["lr"])
+
+
+def _batch_size(batch: Any) -> int:
+    first: Callable[[Any], Any] = lambda b: b[0] if isinstance(b, (list, tuple)) else b  # noqa: E731
+    x = first(batch)
+    if isinstance(x, dict):
+        x = next(iter(x.values()))
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim > 0 else 1

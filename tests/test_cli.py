@@ -1,0 +1,108 @@
+"""The `lowmem` command end to end: fit/validate/test/predict, configs, logs and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lowmem.cli import LowMemCLI, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN_CONFIG = str(ROOT / "configs" / "cnn_adamw.yaml")
+FAST = ["--trainer.max_steps=6", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=3"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _scalars(log_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_fit_trains_logs_tensorboard_and_saves_config(tmp_path, capsys):
+    cli = LowMemCLI(args=["fit", "--config", CNN_CONFIG, *FAST])
+    assert cli.trainer.global_step == 6
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir.parent.name == "lightning_logs" and log_dir.is_relative_to(tmp_path)
+    scalars = _scalars(log_dir)
+    assert len(scalars["train/loss"]) == 6 and all(v > 0 for v in scalars["train/loss"])
+    assert scalars["lr"] == pytest.approx([3e-3] * 6)
+    assert "val/acc" in scalars and "val/loss" in scalars
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert "lowmem fit: step 6: val/acc=" in capsys.readouterr().out
+
+
+def test_second_run_into_same_directory_does_not_crash(tmp_path):
+    args = ["fit", "--config", CNN_CONFIG, *FAST, "--trainer.max_steps=1", "--trainer.logger=false"]
+    LowMemCLI(args=args)  # config.yaml lands in default_root_dir (cwd) without a logger
+    assert (tmp_path / "config.yaml").exists()
+    LowMemCLI(args=args)
+
+
+def test_weight_decay_groups_come_from_the_role_classifier():
+    cli = LowMemCLI(args=["fit", "--config", CNN_CONFIG, *FAST, "--trainer.max_steps=1"])
+    groups = cli.trainer.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(p.ndim >= 2 for p in groups[0]["params"])
+    assert "net.head.bias" in groups[1]["param_names"] and "net.norm.weight" in groups[1]["param_names"]
+
+
+def test_validate_test_and_predict_subcommands(capsys):
+    for sub in ("validate", "test"):
+        LowMemCLI(args=[sub, "--config", CNN_CONFIG, "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+                        "--trainer.enable_progress_bar=false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "lowmem validate: step 0: val/acc=" in out and "lowmem test: step 0: test/acc=" in out
+    cli = LowMemCLI(args=["predict", "--config", CNN_CONFIG, "--trainer.limit_predict_batches=2",
+                          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert cli.trainer.predict_loop.predictions[0].dtype == torch.int64
+
+
+def test_print_config_resolves_class_paths(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CNN_CONFIG, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "lowmem.lightning_modules.ImageClassifier"
+    assert printed["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 3e-3
+    assert printed["data"]["class_path"] == "lowmem.lightning_modules.DigitsDataModule"
+
+
+def test_user_subclass_selected_by_class_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    cli = LowMemCLI(args=["fit", "--config", str(ROOT / "examples" / "my_model.yaml"), *FAST])
+    assert type(cli.model).__name__ == "TinyMLP" and cli.trainer.global_step == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["fit", "--config", "missing.yaml"], "File does not exist"),
+        (["fit", "--config", CNN_CONFIG, "--model.class_path=lowmem.lightning_modules.NoSuchModel"], "NoSuchModel"),
+        (["fit", "--config", CNN_CONFIG, "--model.init_args.widthz=[8]"], "'widthz' is not accepted"),
+        (["fit", "--config", CNN_CONFIG, "--trainer.max_epochz=1"], "unrecognized arguments: --trainer.max_epochz"),
+        (["fit", "--config", CNN_CONFIG, "--model.init_args.optimizer.init_args.lr=-1", *FAST], "Invalid learning rate"),
+        (["fit", "--config", CNN_CONFIG, "--model.init_args.num_classes=1"], "num_classes >= 2"),
+        (["fitt", "--config", CNN_CONFIG], "invalid choice: 'fitt'"),
+    ],
+    ids=["missing-file", "unknown-class", "misspelled-model-key", "misspelled-trainer-key", "bad-lr", "bad-model-arg",
+         "bad-subcommand"],  # fmt: skip
+)
+def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("lowmem: error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], err
+    assert "Traceback" not in err and len(err.splitlines()) <= 4, err
