@@ -106,3 +106,11 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys):
     error_lines = [line for line in err.splitlines() if line.startswith("lowmem: error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], err
     assert "Traceback" not in err and len(err.splitlines()) <= 4, err
+
+
+def test_memory_subcommand_prints_the_state_table(capsys):
+    main(["memory", "--config", CNN_CONFIG])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| AdamW")}
+    assert set(rows) == {"AdamW (baseline)", "AdamW"}
+    assert rows["AdamW"].rstrip().endswith("100.0% |")

@@ -19,11 +19,13 @@ import sys
 # for a lowmem user.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
+from lowmem.cli.memory import format_memory_table, memory_report
 from lowmem.lightning_modules.base import ConfigError, LowMemModule
+from lowmem.lightning_modules.callbacks import MemoryMonitor
 
 __all__ = ["LowMemCLI", "main"]
 
@@ -56,6 +58,14 @@ class LowMemArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+class LowMemTrainer(Trainer):
+    """Lightning's Trainer plus lowmem's own subcommands."""
+
+    def memory(self, model: LowMemModule, datamodule: LightningDataModule) -> None:
+        """Print the params/grads/optimizer-state table (MiB) of the config's model and optimizer vs AdamW."""
+        print(format_memory_table(memory_report(model, datamodule)))
+
+
 class LowMemCLI(LightningCLI):
     """LightningCLI with lowmem's conventions; ``LOWMEM_*`` environment variables override keys."""
 
@@ -69,9 +79,15 @@ class LowMemCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"env_prefix": "LOWMEM", "default_env": False},
             parser_class=LowMemArgumentParser,
+            trainer_class=LowMemTrainer,
+            trainer_defaults={"callbacks": [MemoryMonitor()]},
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}}
 
     def instantiate_classes(self) -> None:
         try:

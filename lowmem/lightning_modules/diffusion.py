@@ -1,0 +1,151 @@
+"""`DiffusionModel`: a DDPM (Ho et al., 2020) with a small U-Net, epsilon-prediction objective.
+
+Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with a linear beta schedule
+beta_1..beta_T and abar_t = prod_{s<=t} (1 - beta_s). Loss: mean squared error of the predicted
+eps (per pixel). Sampling: ancestral DDPM with sigma_t^2 = beta_t.
+
+Randomness: training draws timesteps and noise from the module's own generator (seeded by
+``seed`` + rank, saved in checkpoints), validation from a fixed generator per batch, so in-fit
+validation never perturbs training and a resumed run draws the same noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lowmem.lightning_modules.base import LowMemModule, default_optimizer
+from lowmem.lightning_modules.unet import UNet
+
+__all__ = ["DiffusionModel", "image_grid"]
+
+_RNG_KEY = "lowmem_train_rng_state"
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> one (C, rows*(H+pad)+pad, nrow*(W+pad)+pad) image in [0, 1]."""
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i, img in enumerate(images.clamp(-1, 1).add(1).div(2).cpu()):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    return grid
+
+
+class DiffusionModel(LowMemModule):
+    """Denoising diffusion on images in [-1, 1].
+
+    Args:
+        in_channels: image channels.
+        image_size: image side in pixels (8 for digits).
+        channels: U-Net channels per resolution level.
+        time_dim: width of the timestep embedding.
+        timesteps: T, the number of diffusion steps.
+        beta_start, beta_end: the linear beta schedule's ends.
+        seed: seed of the training noise generator (rank is added under DDP).
+        sample_every_n_epochs: write a grid of ``n_samples`` samples to TensorBoard every n
+            validation epochs (0 disables).
+        n_samples: samples in that grid.
+        optimizer, lr_scheduler, monitor: see :class:`LowMemModule`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        channels: list[int] = (32, 64),  # type: ignore[assignment]
+        time_dim: int = 128,
+        timesteps: int = 200,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        seed: int = 0,
+        sample_every_n_epochs: int = 1,
+        n_samples: int = 16,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
+        if not 0 < beta_start < beta_end < 1 or timesteps < 1:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1 and timesteps >= 1; got "
+                             f"beta_start={beta_start}, beta_end={beta_end}, timesteps={timesteps}")  # fmt: skip
+        if image_size % 2 ** (len(channels) - 1):
+            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channels)-1)={2 ** (len(channels) - 1)}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.unet = UNet(in_channels, tuple(channels), time_dim)
+        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        self.register_buffer("betas", betas.float(), persistent=False)
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self._train_rng: torch.Generator | None = None
+        self._pending_rng_state: torch.Tensor | None = None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t)
+
+    # --- randomness ----------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        if self._train_rng is None or self._train_rng.device != self.device:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._train_rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + rank)
+            if self._pending_rng_state is not None:
+                self._train_rng.set_state(self._pending_rng_state)
+                self._pending_rng_state = None
+        return self._train_rng
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_RNG_KEY] = self._generator().get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng_state = checkpoint.get(_RNG_KEY)
+        self._train_rng = None
+
+    # --- objective -----------------------------------------------------------------------------
+    def noise_loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """E_t,eps || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1-abar_t) eps, t) ||^2 (mean per pixel)."""
+        t = torch.randint(0, self.hparams.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        abar = self.alpha_bar[t].view(-1, 1, 1, 1).to(x0.dtype)
+        return F.mse_loss(self(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t), eps)
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.noise_loss(batch[0], self._generator()), {}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.noise_loss(batch[0], torch.Generator(device=self.device).manual_seed(1_000_003 + batch_idx))
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.noise_loss(batch[0], torch.Generator(device=self.device).manual_seed(2_000_003 + batch_idx))
+        self.log("test/loss", loss, on_epoch=True, batch_size=batch[0].shape[0])
+        return loss
+
+    # --- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``n`` images (n, C, H, W) by ancestral sampling from x_T ~ N(0, I)."""
+        c, s = self.hparams.in_channels, self.hparams.image_size
+        x = torch.randn(n, c, s, s, device=self.device, generator=generator)
+        for t in reversed(range(self.hparams.timesteps)):
+            beta, abar = self.betas[t], self.alpha_bar[t]
+            eps = self(x, torch.full((n,), t, device=self.device, dtype=torch.long))
+            x = (x - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
+            if t > 0:
+                x = x + beta.sqrt() * torch.randn(x.shape, device=self.device, generator=generator)
+        return x
+
+    def on_validation_epoch_end(self) -> None:
+        every = self.hparams.sample_every_n_epochs
+        experiment = getattr(self.logger, "experiment", None)
+        if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every or not hasattr(experiment, "add_image"):
+            return
+        images = self.sample(self.hparams.n_samples, torch.Generator(device=self.device).manual_seed(7))
+        experiment.add_image("samples", image_grid(images), self.global_step)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.sample(batch[0].shape[0], torch.Generator(device=self.device).manual_seed(batch_idx))

@@ -1,0 +1,97 @@
+"""A byte-level text corpus that is on every machine: the Python standard library's own source.
+
+The corpus is the concatenation of the top-level ``*.py`` files of the running interpreter's
+standard library, in sorted order, cut at ``max_bytes``; tokens are bytes (vocabulary 256), so
+nothing is downloaded or built. The last ``val_fraction`` of the bytes is the validation split
+(and the test split), cut into non-overlapping windows of ``block_size + 1`` tokens.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["StdlibTextDataModule", "TokenWindows", "stdlib_corpus"]
+
+
+def stdlib_corpus(max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of Python standard-library source, deterministic for a Python version."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    corpus = b"".join(chunks)[:max_bytes]
+    if len(corpus) < 10_000:
+        raise RuntimeError(f"found only {len(corpus)} bytes of Python source under {stdlib}")
+    return corpus
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows: item i is (x, y) with y the next-token shift of x, both (block_size,)."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        self.n = (len(tokens) - 1) // block_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.tokens[i * self.block_size : (i + 1) * self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class StdlibTextDataModule(pl.LightningDataModule):
+    """Byte-level language modelling on the standard library's source.
+
+    Args:
+        block_size: tokens per training sequence (must not exceed the model's block_size).
+        batch_size: sequences per batch (per device under DDP).
+        max_bytes: corpus size in bytes (default 1 MB: ~7,000 windows of 128 tokens).
+        val_fraction: fraction of the corpus (its end) held out for validation and test.
+        num_workers: DataLoader worker processes.
+    """
+
+    vocab_size = 256
+
+    def __init__(
+        self, block_size: int = 128, batch_size: int = 32, max_bytes: int = 1_000_000, val_fraction: float = 0.1,
+        num_workers: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if block_size < 2 or batch_size < 1 or max_bytes < 10_000 or not 0 < val_fraction < 1:
+            raise ValueError(
+                f"need block_size >= 2, batch_size >= 1, max_bytes >= 10000 and 0 < val_fraction < 1; got "
+                f"block_size={block_size}, batch_size={batch_size}, max_bytes={max_bytes}, val_fraction={val_fraction}"
+            )
+        self.save_hyperparameters()
+        self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
+        self.splits: dict[str, TokenWindows] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        tokens = torch.frombuffer(bytearray(stdlib_corpus(self.hparams.max_bytes)), dtype=torch.uint8).long()
+        cut = int(len(tokens) * (1 - self.hparams.val_fraction))
+        self.splits = {"train": TokenWindows(tokens[:cut], self.block_size), "val": TokenWindows(tokens[cut:], self.block_size)}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
