@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 # Lightning 2.6 itself calls jsonargparse APIs deprecated in 4.49; the warnings are not actionable
 # for a lowmem user.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -88,6 +90,18 @@ class LowMemCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}}
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Swap ``trainer.precision`` for the plugin the optimizer strategy needs (fp16 + HMAdam)."""
+        config = self._get(self.config_init, "trainer", default={})
+        strategy = getattr(self.model, "optimizer_strategy", None)
+        precision, accelerator = config.get("precision"), config.get("accelerator")
+        if strategy is not None and precision is not None and not config.get("plugins"):
+            device = "cpu" if accelerator == "cpu" or not torch.cuda.is_available() else "cuda"
+            plugin = strategy.precision_plugin(str(precision), device)
+            if plugin is not None:
+                kwargs.update(precision=None, plugins=[plugin])
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         try:

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from lowmem.lightning_modules.base import LowMemModule
 from lowmem.optim.memory import state_bytes
+from lowmem.strategies import CallableStrategy
 
 __all__ = ["measure_optimizer_memory", "memory_report", "format_memory_table"]
 
@@ -32,7 +33,7 @@ def measure_optimizer_memory(model: LowMemModule, batch: Any, optimizer_factory:
     """state_bytes after one forward/backward/step of a copy of ``model`` on ``batch``."""
     model = copy.deepcopy(model)
     if optimizer_factory is not None:
-        model.optimizer_factory = optimizer_factory
+        model.optimizer_strategy = CallableStrategy(optimizer_factory)
         model.lr_scheduler_factory = None
     optimizer = _optimizer_of(model.configure_optimizers())
     loss, _ = model.compute_loss(batch)

@@ -1,9 +1,16 @@
 """`LowMemModule`: the LightningModule every lowmem model subclasses.
 
 A subclass says *what* to compute (``forward``, ``compute_loss``) and the base wires *how* it
-is optimized: the optimizer arrives as a callable (``OptimizerCallable``: params -> Optimizer),
-so parameter groups are built in ``configure_optimizers``, after ``configure_model`` and after any
-strategy wrapping, from the one shared role classifier (``lowmem.optim.roles``).
+is optimized: the optimizer arrives as an optimizer strategy (``lowmem.strategies``) or a plain
+callable (``OptimizerCallable``: params -> Optimizer), so parameter groups are built in
+``configure_optimizers``, after ``configure_model`` and after any strategy wrapping, from the one
+shared role classifier (``lowmem.optim.roles``).
+
+Folded momentum (HMAdam keeps its first moment in ``.grad``): whenever the optimizer declares
+``folds_momentum_into_grad``, the module's own ``zero_grad()`` leaves ``.grad`` alone. Lightning
+calls it at the start of every stage (after restoring a checkpoint) and before every in-fit
+validation; with a folding optimizer the only code that touches ``.grad`` between steps is the
+optimizer's ``zero_grad()``, which decays it.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim import Optimizer
 
-from lowmem.optim.roles import weight_decay_param_groups
+from lowmem.strategies import CallableStrategy, FoldedMomentumPrecision, OptimizerStrategy, folds_momentum
 
 __all__ = ["LowMemModule", "ConfigError", "default_optimizer"]
 
@@ -34,10 +41,12 @@ class LowMemModule(pl.LightningModule):
     """Base LightningModule: optimizer and scheduler injected as callables.
 
     Args:
-        optimizer: builds the optimizer from parameter groups, e.g. in YAML
-            ``{class_path: lowmem.optim.HMAdamW, init_args: {lr: 3e-4}}``. It receives two groups
-            (matrices/kernels with the optimizer's weight decay; norms, biases and 1-D params with
-            ``weight_decay=0``) given as ``(name, param)`` pairs.
+        optimizer: an optimizer strategy, e.g. in YAML
+            ``{class_path: lowmem.strategies.HMAdamW, init_args: {lr: 3e-4}}``, which builds the
+            optimizer with its role-based parameter groups and checks the Trainer setup; or any
+            optimizer callable (``{class_path: torch.optim.AdamW, init_args: {...}}``), which
+            receives two groups (matrices/kernels with the optimizer's weight decay; norms, biases
+            and 1-D params with ``weight_decay=0``) given as ``(name, param)`` pairs.
         lr_scheduler: optional, builds a scheduler from the optimizer; stepped every optimizer step
             (``interval="step"``), or on ``monitor`` for ``ReduceLROnPlateau``.
         monitor: the metric ``ReduceLROnPlateau`` watches.
@@ -48,14 +57,15 @@ class LowMemModule(pl.LightningModule):
 
     def __init__(
         self,
-        optimizer: OptimizerCallable = default_optimizer,
+        optimizer: OptimizerStrategy | OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         monitor: str = "val/loss",
     ) -> None:
         super().__init__()
-        self.optimizer_factory = optimizer
+        self.optimizer_strategy = optimizer if isinstance(optimizer, OptimizerStrategy) else CallableStrategy(optimizer)
         self.lr_scheduler_factory = lr_scheduler
         self.monitor = monitor
+        self._folds_momentum = False
 
     # --- what subclasses provide -----------------------------------------------------------
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -63,15 +73,12 @@ class LowMemModule(pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss(batch) -> (loss, metrics)")
 
     # --- optimization ------------------------------------------------------------------------
-    def param_groups(self) -> list[dict]:
-        """Parameter groups for the optimizer; override to customise (the role classifier decides)."""
-        return weight_decay_param_groups(self)
-
     def configure_optimizers(self) -> Any:
         try:
-            optimizer = self.optimizer_factory(self.param_groups())
+            optimizer = self.optimizer_strategy.build(self)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid optimizer configuration: {err}") from err
+        self._folds_momentum = folds_momentum(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         try:
@@ -82,6 +89,19 @@ class LowMemModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config.update(interval="epoch", monitor=getattr(scheduler, "monitor", self.monitor))
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_fit_start(self) -> None:
+        self.optimizer_strategy.check(self.trainer)
+
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:  # fmt: skip
+        self.optimizer_strategy.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # --- folded momentum: .grad belongs to the optimizer -----------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Free/zero gradients, except when the optimizer keeps its momentum in them (then a no-op)."""
+        if not self._folds_momentum:
+            super().zero_grad(set_to_none)
 
     # --- steps -------------------------------------------------------------------------------
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
@@ -96,6 +116,9 @@ class LowMemModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         self.log("lr", self._current_lr(), on_step=True, on_epoch=False, batch_size=1)
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, FoldedMomentumPrecision):
+            self.log("precision/momentum_resets", float(plugin.momentum_resets), on_step=True, batch_size=1)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

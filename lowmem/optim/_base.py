@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["Capabilities", "LowMemOptimizer", "check_hparams", "check_grad", "state_dtype_for"]
+__all__ = ["Capabilities", "LowMemOptimizer", "check_hparams", "check_grad", "restore_state_dtypes", "state_dtype_for"]
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,33 @@ class LowMemOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Backfill defaults added in later versions so old checkpoints still load.
+        # Backfill defaults added in later versions so old checkpoints still load; torch's own
+        # __setstate__ adds "differentiable" to the defaults, which is not ours to add to groups.
+        had_differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
+        if not had_differentiable:
+            self.defaults.pop("differentiable", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, keeping every state tensor in the dtype it was saved in.
+
+        torch casts floating state (except ``step``) to the parameter's dtype on load, which would
+        round the fp32 moments of bf16 parameters (and fp32 factors) to bf16.
+        """
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
+
+
+def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Put back the saved dtypes of state tensors after ``Optimizer.load_state_dict`` cast them."""
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        state = optimizer.state.get(p, {})
+        for key, value in state_dict["state"].get(pid, {}).items():
+            current = state.get(key)
+            if torch.is_tensor(value) and torch.is_tensor(current) and value.dtype != current.dtype:
+                state[key] = value.to(device=current.device, copy=True)

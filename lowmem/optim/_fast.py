@@ -1,0 +1,224 @@
+"""Fast path for element-wise optimizer steps: one ``torch.compile``'d kernel over lists of tensors.
+
+An optimizer whose update is element-wise per parameter (HMAdamW, AdamS, ...) writes its maths
+once as a *kernel* on one parameter's tensors and hands it to :class:`FusedForeach`. Inductor fuses
+the kernel into a single loop per tensor that reads each input once and writes each output once,
+with no parameter-sized temporaries, so the step runs at the memory-bandwidth floor.
+
+Usage in an optimizer module::
+
+    def _adams_kernel(param, grad, exp_avg, *, lr, beta1, beta2, eps, bias_correction1,
+                      weight_decay, decoupled: bool) -> None:
+        # element-wise maths on ONE parameter; results go back with .copy_() (in place)
+        ...
+
+    _ADAMS_FAST = FusedForeach(_adams_kernel)          # module level: compiled once per process
+
+    # in the functional entry point, for tensors sharing the same scalar values:
+    _ADAMS_FAST(
+        [params, grads, exp_avgs],                     # equal-length lists; index i = one parameter
+        scalars={"lr": lr, "beta1": beta1, ...},       # floats or 0-d tensors -> cached 0-d tensors
+        static={"decoupled": True},                    # Python constants: one compile per value
+    )
+
+What it takes care of:
+
+- *Hyperparameters as 0-d tensors* (cached per device and dtype, refilled in place), so a
+  learning-rate schedule never recompiles (Python floats would be baked into the graph).
+- *Shape-agnostic compile*: tensors are passed as 1-D views (:func:`flat_views`) with dynamic
+  sizes and duck sizing off, in groups of exactly ``group_size`` (the last group is padded with
+  2-element scratch tensors). One compile (~10 s, cached on disk by Inductor afterwards) per
+  kernel x device x dtype combination x ``static`` value, whatever the model's shapes.
+- *Bounded temporaries* on the eager fallback: the kernel is applied to slices of at most
+  ``EAGER_CHUNK`` elements (1-D views share memory with the tensors, so results land in place).
+- *Fallback*: if ``torch.compile`` is unavailable or fails, one warning names the cause and the
+  kernel runs eagerly (chunked) from then on. Tensors of fewer than 2 elements (size-1 dims would
+  force a recompile), tensors whose layouts differ, and dtype combinations beyond the compile
+  limit also run eagerly.
+
+Kernel contract: element-wise across the tensors of one index (they have the same shape and
+memory layout), scalars arrive as 0-d tensors in the compute dtype (float64 if any tensor of the
+index is float64, else float32), results are written with ``.copy_()`` into the inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["EAGER_CHUNK", "FusedForeach", "compile_available", "flat_views", "local_tensor"]
+
+EAGER_CHUNK = 1 << 20  # elements per eager kernel call: temporaries stay ~4 MiB each
+_MIN_COMPILED_NUMEL = 2  # dynamo specialises sizes 0 and 1; tinier tensors run eagerly
+_MAX_KEYS = 6  # distinct compiles per kernel, kept under dynamo's recompile limit (8)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (element-wise maths on shards is exact), else ``t``."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def compile_available() -> bool:
+    """Whether ``torch.compile`` can run here (dynamo supports this Python and platform)."""
+    return hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported()
+
+
+def flat_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """1-D aliases of ``tensors`` in memory order, or ``None`` if their layouts differ or have gaps.
+
+    Works for contiguous and permuted-dense tensors (e.g. channels_last) as long as all tensors
+    of the index share sizes and strides, so that element ``k`` of every view is the same
+    logical element.
+    """
+    first = tensors[0]
+    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors[1:]):
+        return None
+    # .detach() drops the view's link to its base (version counter and storage stay shared):
+    # dynamo would otherwise trace every view through its base and specialise on the base's rank.
+    if first.is_contiguous():
+        return [t.view(-1).detach() for t in tensors]
+    order = sorted(range(first.dim()), key=lambda d: first.stride(d), reverse=True)
+    permuted = [t.permute(order) for t in tensors]
+    if not permuted[0].is_contiguous():
+        return None  # overlapping or strided with gaps: no flat view
+    return [t.view(-1).detach() for t in permuted]
+
+
+def _no_duck_sizing() -> contextlib.AbstractContextManager:
+    # With duck sizing, equal sizes share a symbol and the graph guards on their equality: every
+    # new pattern of equal sizes in a group would recompile.
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
+
+
+class FusedForeach:
+    """Run ``kernel(*tensors_i, **scalars, **static)`` for every index ``i``, compiled and fused.
+
+    ``group_size`` tensors per list go into one compiled call (fewer Python round trips; a larger
+    group compiles longer). ``name`` only appears in warnings.
+    """
+
+    def __init__(self, kernel: Callable[..., None], *, group_size: int = 8, name: str | None = None) -> None:
+        self.kernel = kernel
+        self.group_size = group_size
+        self.name = name or kernel.__name__
+        self._compiled: Callable[..., None] | None = None
+        self._failed = False
+        self._keys: set[tuple] = set()
+        self._scalars: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._padding: dict[tuple, list[list[torch.Tensor]]] = {}
+
+    # ----------------------------------------------------------------------------------- public
+    def __call__(
+        self,
+        tensor_lists: Sequence[Sequence[torch.Tensor]],
+        scalars: Mapping[str, float | torch.Tensor],
+        static: Mapping[str, Any] | None = None,
+    ) -> None:
+        static = dict(static or {})
+        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+        eager: list[list[torch.Tensor]] = []
+        for tensors in zip(*tensor_lists):
+            tensors = [local_tensor(t) for t in tensors]
+            views = flat_views(tensors)
+            if views is None or views[0].numel() < _MIN_COMPILED_NUMEL:
+                eager.append(views or tensors)
+                continue
+            key = (views[0].device, *(t.dtype for t in views), tuple(sorted(static.items())))
+            buckets.setdefault(key, []).append(views)
+        for key, items in buckets.items():
+            eager.extend(self._run_compiled(key, items, scalars, static) if self._compile_ok(key) else items)
+        for tensors in eager:
+            self._run_eager(tensors, scalars, static)
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _compile_ok(self, key: tuple) -> bool:
+        if self._failed:
+            return False
+        if self._compiled is None:
+            if not compile_available():
+                self._fail(RuntimeError("torch.compile is not supported on this Python/platform"))
+                return False
+            self._compiled = torch.compile(self._make_loop(), dynamic=True, fullgraph=True)
+        if key not in self._keys and len(self._keys) >= _MAX_KEYS:
+            return False  # beyond dynamo's recompile limit it would silently run unfused
+        self._keys.add(key)
+        return True
+
+    def _make_loop(self) -> Callable[..., None]:
+        kernel = self.kernel
+
+        def loop(tensor_lists, scalars, static):  # noqa: ANN001, ANN202 - traced by dynamo
+            for tensors in zip(*tensor_lists):
+                kernel(*tensors, **scalars, **static)
+
+        # dynamo caches graphs per code object: a private copy per kernel keeps each kernel's
+        # compiles apart from the other optimizers' (the recompile limit counts per code object)
+        loop.__code__ = loop.__code__.replace(co_name=f"fused_{self.name}")
+        return loop
+
+    def _run_compiled(
+        self, key: tuple, items: list[list[torch.Tensor]], scalars: Mapping, static: dict
+    ) -> list[list[torch.Tensor]]:
+        """Run ``items`` through the compiled loop; return those left for the eager kernel."""
+        device, dtypes = key[0], key[1:-1]
+        compute = torch.float64 if torch.float64 in dtypes else torch.float32
+        scalar_tensors = self._scalar_tensors(device, compute, scalars)
+        padding = self._padding.get(key)
+        if padding is None:
+            padding = [[torch.zeros(2, dtype=d, device=device) for d in dtypes] for _ in range(self.group_size)]
+            self._padding[key] = padding
+        with _no_duck_sizing():
+            for start in range(0, len(items), self.group_size):
+                group = items[start : start + self.group_size]
+                group = group + padding[len(group) :]
+                try:
+                    self._compiled([list(col) for col in zip(*group)], scalar_tensors, static)
+                except Exception as err:  # noqa: BLE001 - a compiler failure falls back, once, loudly
+                    self._fail(err)
+                    return items[start:]  # a failing group has not written anything yet
+        return []
+
+    def _run_eager(self, tensors: list[torch.Tensor], scalars: Mapping, static: dict) -> None:
+        compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        scalar_tensors = self._scalar_tensors(tensors[0].device, compute, scalars)
+        if tensors[0].dim() == 0:
+            self.kernel(*tensors, **scalar_tensors, **static)
+            return
+        # Slices along dim 0 are the same logical elements in every tensor, whatever the layout.
+        rows = max(1, EAGER_CHUNK * tensors[0].shape[0] // max(1, tensors[0].numel()))
+        for start in range(0, tensors[0].shape[0], rows):
+            self.kernel(*(t[start : start + rows] for t in tensors), **scalar_tensors, **static)
+
+    def _scalar_tensors(
+        self, device: torch.device, dtype: torch.dtype, scalars: Mapping[str, float | torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        # Refilled in place: the same 0-d tensors every call, so dynamo sees inputs, not constants.
+        cache = self._scalars.setdefault((device, dtype), {})
+        for name, value in scalars.items():
+            t = cache.get(name)
+            if t is None:
+                t = cache[name] = torch.zeros((), dtype=dtype, device=device)
+            if isinstance(value, torch.Tensor):
+                t.copy_(value.detach())
+            else:
+                t.fill_(value)
+        return {name: cache[name] for name in scalars}
+
+    def _fail(self, err: BaseException) -> None:
+        self._failed = True
+        warnings.warn(
+            f"lowmem fast path for {self.name}: torch.compile is unavailable or failed ({type(err).__name__}: "
+            f"{err}). Falling back to the eager kernel (same maths, several times slower). Pass fused=False to "
+            "the optimizer to use the plain for-loop and silence this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,258 @@
+"""Capture of IO-Adam's statistics: which weights qualify, the hooks, and the fused linear.
+
+IO-Adam (``lowmem.optim.ioadam``) needs, per step and per Linear weight ``W`` (n_out x n_in),
+the per-feature power sums of the layer input ``X`` and of the output gradient ``dY`` over all
+tokens (every leading dimension of ``X``/``dY`` counts as tokens)::
+
+    in_sum[j]  = sum_tokens |X[:, j]|^p      (n_in vector)
+    out_sum[i] = sum_tokens |dY[:, i]|^q     (n_out vector),   q = p / (p - 1)
+
+How they are captured (``fused=False``):
+
+- a forward hook reduces ``X`` to ``in_sum`` at once (``X`` itself is never kept: only an n_in
+  vector lives on) and registers a *tensor hook on the output* (on its base when the output is a
+  view, see :func:`_hook_output`) whose closure holds that vector;
+- the tensor hook fires in the backward with ``dY``, reduces it to ``out_sum``, and hands the
+  pair to the optimizer, which adds it to the statistics *staged* for the coming ``step()``.
+
+So ``in_sum`` is committed only when the matching backward arrives: a forward under
+``torch.no_grad()``/``inference_mode`` registers nothing (its output does not require grad), and a
+grad-enabled forward whose output never gets a backward (validation loss computed with grad on)
+leaves nothing behind: its closure dies with its graph. Every call of a module pairs its own
+``X`` with its own ``dY``, so a module called twice, or two Linear modules sharing a weight, add
+into the same staged sums, as the gradient does.
+
+Why a tensor hook rather than ``register_full_backward_hook``: the full backward hook wraps the
+module's outputs in a ``BackwardHookFunction`` that breaks in-place ops on them (an in-place
+ReLU after the Linear raises), and it still needs per-call pairing with the forward. A tensor
+hook registered before an in-place op receives the gradient of the value it was registered on.
+
+``fused=True`` replaces the forward of each qualifying ``nn.Linear`` (an instance attribute,
+removed again by :meth:`StatsHooks.remove`) by a custom autograd Function whose backward computes
+the input and bias gradients, reduces ``X``/``dY`` to the power sums, adds ``(1-b1) dY^T X``
+straight into the momentum, and returns ``None`` for the weight: ``W.grad`` is never created.
+It saves exactly what ``F.linear`` saves (``X`` and ``W``).
+
+A weight tied to an ``nn.Embedding`` (a tied LM head) keeps IO-Adam: the embedding gradient is
+``G[v, :] = sum_tokens [id = v] dE``, an outer-product sum like the Linear's with the one-hot
+token as the vocabulary-side factor, so it adds ``count(v)`` (= sum of the indicator to any
+power) to the vocabulary-side sums and ``sum_tokens |dE|^p`` to the feature-side sums, and
+Hölder's bound ``|G| <= R^(1/q) C^(1/p)`` keeps holding for the summed statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["StatsHooks", "io_weights", "power_sum"]
+
+
+def tokens_by_features(t: Tensor) -> Tensor:
+    """``t`` as a (tokens x features) matrix: every leading dim counts as tokens (also when empty)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def power_sum(t: Tensor, p: float) -> Tensor:
+    """``sum_tokens |t|^p`` per feature (last dim), in at least fp32, without a t-sized temporary."""
+    t2 = tokens_by_features(t.detach())
+    acc = torch.promote_types(t.dtype, torch.float32)
+    return torch.linalg.vector_norm(t2, ord=p, dim=0, dtype=acc).pow_(p)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    # A subclass with its own forward (LoRA, quantized...) may not compute X W^T + b from its input.
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def io_weights(model: nn.Module) -> tuple[dict[int, list[nn.Linear]], dict[int, list[nn.Embedding]]]:
+    """The weights IO-Adam can own, keyed by ``id(param)``: Linear users and Embedding users.
+
+    A trainable 2-D parameter qualifies when at least one plain ``nn.Linear`` uses it as its
+    weight and *every* module that registers it is such a Linear or a dense, unscaled
+    ``nn.Embedding``: any other user could touch the weight without the hooks seeing it, and its
+    gradient would then lack the matching statistics. The Linear layers inside
+    ``nn.MultiheadAttention`` are excluded: the attention calls ``F.linear`` on ``out_proj.weight``
+    itself, never ``out_proj.forward``.
+    """
+    in_mha = {id(m) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()}
+    users: dict[int, list[nn.Module]] = defaultdict(list)
+    params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            users[id(param)].append(module)
+            params[id(param)] = param
+    linears, embeddings = {}, {}
+    for pid, mods in users.items():
+        param = params[pid]
+        if not param.requires_grad or param.ndim != 2 or isinstance(param, nn.parameter.UninitializedParameter):
+            continue
+        lin = [m for m in mods if _plain_linear(m) and m.weight is param and id(m) not in in_mha]
+        emb = [m for m in mods if isinstance(m, nn.Embedding) and m.weight is param and not m.sparse
+               and not m.scale_grad_by_freq]  # fmt: skip
+        if lin and len(lin) + len(emb) == len(mods):
+            linears[pid], embeddings[pid] = lin, emb
+    return linears, {k: v for k, v in embeddings.items() if v}
+
+
+# The optimizer side of the hooks (implemented by IOAdam; reached through a weak reference so
+# that hooks never keep a discarded optimizer alive):
+#   opt._owns(param) -> bool                         the hooks act only for the optimizer's own weights
+#   opt._io_exponents(param) -> (p, q)
+#   opt._stage_stats(param, out_sum, in_sum)         statistics of one forward/backward pair
+#   opt._fused_momentum(param, x2d, dy2d)            fused mode: stats + M += (1-b1) dY^T X
+_OptRef = Callable[[], Any]
+
+
+def _owner(ref: _OptRef, param: Tensor) -> Any:
+    """The live optimizer that owns ``param``, else None. ``copy.deepcopy(model)`` (an EMA copy)
+    copies these hooks too, pointing at the original optimizer with the *copy's* parameters:
+    they must stay inert there."""
+    opt = ref()
+    return opt if opt is not None and opt._owns(param) else None
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _hook_output(out: Tensor, hook: Callable[[Tensor], None]) -> None:
+    """Register ``hook`` to receive the gradient of ``out`` (any leading shape, features last).
+
+    ``F.linear`` on a 3-D input with a bias (and ``F.embedding``) returns a *view* of a 2-D
+    result; a hook on such a view is lost if the view is later modified in place (an in-place
+    ReLU after the Linear), because autograd rebases the view's history onto its base. The base
+    holds the same elements (tokens x features), so hook it instead: a hook on a tensor fires
+    with the gradient of the value it had when the hook was registered.
+    """
+    base = out._base if out._is_view() else None
+    if base is not None and base.numel() == out.numel() and base.shape[-1] == out.shape[-1]:
+        out = base
+    out.register_hook(hook)
+
+
+def _linear_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    opt = _owner(ref, param)
+    if opt is None or not isinstance(out, Tensor) or not out.requires_grad or not param.requires_grad:
+        return
+    p, q = opt._io_exponents(param)
+    with torch.no_grad():
+        in_sum = power_sum(_first_input(args, kwargs), p)
+    _hook_output(out, partial(_linear_backward_hook, ref, param, in_sum, q))
+
+
+def _linear_backward_hook(ref: _OptRef, param: Tensor, in_sum: Tensor, q: float, grad_out: Tensor) -> None:
+    opt = ref()
+    if opt is not None:
+        with torch.no_grad():
+            opt._stage_stats(param, power_sum(grad_out, q), in_sum)
+
+
+def _embedding_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    opt = _owner(ref, param)
+    if opt is None or not isinstance(out, Tensor) or not out.requires_grad or not param.requires_grad:
+        return
+    p, _ = opt._io_exponents(param)
+    with torch.no_grad():
+        ids = _first_input(args, kwargs).flatten()
+        counts = torch.bincount(ids, minlength=module.num_embeddings).to(torch.float32)
+        if module.padding_idx is not None:  # the padding row gets no gradient
+            counts[module.padding_idx] = 0.0
+    _hook_output(out, partial(_embedding_backward_hook, ref, param, counts, p))
+
+
+def _embedding_backward_hook(ref: _OptRef, param: Tensor, counts: Tensor, p: float, grad_out: Tensor) -> None:
+    opt = ref()
+    if opt is not None:
+        with torch.no_grad():
+            opt._stage_stats(param, counts, power_sum(grad_out, p))
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``F.linear`` on 2-D ``x`` (tokens x n_in) whose backward feeds IO-Adam and returns no weight
+    gradient. Callers flatten and unflatten the tokens outside, so the output is never a view
+    made inside the Function (which would forbid an in-place op on it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, sink: Callable) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.sink = sink
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_b = grad_out.sum(0) if ctx.needs_input_grad[2] else None
+        ctx.sink(x, grad_out)
+        return grad_x, None, grad_b, None
+
+
+def _fused_sink(ref: _OptRef, param: Tensor, x2d: Tensor, dy2d: Tensor) -> None:
+    opt = ref()
+    if opt is not None:
+        opt._fused_momentum(param, x2d, dy2d)
+
+
+def _fused_forward(ref: _OptRef, param: Tensor, module: nn.Linear, input: Tensor) -> Tensor:
+    weight, bias = module.weight, module.bias
+    if not torch.is_grad_enabled() or not weight.requires_grad or _owner(ref, param) is None:
+        return F.linear(input, weight, bias)
+    sink = partial(_fused_sink, ref, param)
+    x2d, out_shape = tokens_by_features(input), (*input.shape[:-1], weight.shape[0])
+    device = input.device.type
+    if torch.is_autocast_enabled(device):  # do autocast's cast here, so the backward sees one dtype
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            b = None if bias is None else bias.to(dtype)
+            return _FusedLinear.apply(x2d.to(dtype), weight.to(dtype), b, sink).reshape(out_shape)
+    return _FusedLinear.apply(x2d, weight, bias, sink).reshape(out_shape)
+
+
+class StatsHooks:
+    """The hooks (or fused forwards) that feed one optimizer; :meth:`remove` detaches them all."""
+
+    def __init__(
+        self,
+        optimizer: Any,
+        linears: dict[int, list[nn.Linear]],
+        embeddings: dict[int, list[nn.Embedding]],
+        params: dict[int, Tensor],
+        fused: bool,
+    ) -> None:
+        ref = weakref.ref(optimizer)
+        self._handles: list[Any] = []
+        self._patched: list[nn.Module] = []
+        for pid, modules in linears.items():
+            for m in modules:
+                if fused:
+                    m.forward = partial(_fused_forward, ref, params[pid], m)
+                    self._patched.append(m)
+                else:
+                    hook = partial(_linear_forward_hook, ref, params[pid])
+                    self._handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        for pid, modules in embeddings.items():
+            for m in modules:
+                hook = partial(_embedding_forward_hook, ref, params[pid])
+                self._handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        self.removed = False
+
+    def remove(self) -> None:
+        """Remove every hook and restore every patched forward (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        for m in self._patched:
+            if "forward" in m.__dict__:
+                del m.forward
+        self._handles, self._patched = [], []
+        self.removed = True

@@ -1,0 +1,279 @@
+"""AdamS: Adam with the momentum itself as the normalizer (ALGORITHMS.md §2).
+
+Zhang, Wang, Chen, "Momentum itself can be a normalizer" (arXiv 2505.16363); the update follows
+the official code (``pku-huzhang/AdamS``, ``new_optimizers.py``) exactly. Per parameter, with one
+state tensor ``m`` (``exp_avg``) and ``t`` the step count after increment::
+
+    bc1 = 1 - b1^t
+    W = W (1 - lr wd)                                        # decoupled decay, first
+    denom = sqrt(b2 (m_{t-1}/bc1)^2 + (1-b2) g^2) + eps      # OLD momentum over the NEW bc1
+    m = b1 m + (1-b1) g
+    W = W - lr (m/bc1) / denom
+
+The state is ``m`` only: exactly half of AdamW's two moments, the memory of SGD with momentum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._fast import FusedForeach, compile_available
+
+__all__ = ["AdamS", "adams"]
+
+FAST_PATH_MIN_NUMEL = 1 << 20  # fused=None picks the compiled path from this many elements on (as HMAdamW)
+
+
+def use_fast_path(fused: bool | None, total_numel: int) -> bool:
+    """Resolve ``fused=None``: compile for models of at least ``FAST_PATH_MIN_NUMEL`` elements.
+
+    Inside a ``torch.compile``'d training step the plain for-loop is traced instead.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if fused is None:
+        return total_numel >= FAST_PATH_MIN_NUMEL and compile_available()
+    return fused
+
+
+def _restore_saved_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of floating state to the parameter dtype.
+
+    torch assumes state has the param's dtype; lowmem keeps fp32 state for bf16/fp16 params, which
+    torch would round to bf16 on load. Re-take each floating state tensor from ``state_dict`` in
+    the dtype it was saved in (an exact copy), on the parameter's device.
+    """
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        for key, value in state_dict["state"].get(pid, {}).items():
+            loaded = optimizer.state[p].get(key)
+            if key != "step" and isinstance(value, Tensor) and value.is_floating_point() and loaded.dtype != value.dtype:
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class AdamS(LowMemOptimizer):
+    r"""AdamS: Adam whose second moment is rebuilt from the momentum, so it keeps only ``m``.
+
+    Update rule (ALGORITHMS.md §2, as the official code; ``t`` counts steps from 1)::
+
+        W <- W (1 - lr wd)
+        denom = sqrt(b2 (m_{t-1} / (1-b1^t))^2 + (1-b2) g_t^2) + eps
+        m_t = b1 m_{t-1} + (1-b1) g_t
+        W <- W - lr (m_t / (1-b1^t)) / denom
+
+    ``m_{t-1}`` in the denominator is the momentum *before* this step's update, divided by the
+    *current* bias correction ``1-b1^t`` (this is what the official code does).
+
+    Warm-up matters: with ``m_0 = 0`` the first step is ``sign(g) / sqrt(1-b2)`` per coordinate,
+    about 4.5 lr for ``b2 = 0.95`` (Adam's first step is about 1 lr). Use the learning-rate
+    warm-up you would use for AdamW, or longer.
+
+    State per parameter: ``exp_avg`` (same shape as the parameter) and ``step`` (a 0-d float32
+    tensor). In bytes that is half of AdamW's moments: 4 B/param for fp32 state.
+
+    Args:
+        params: parameters or param groups (groups may carry ``(name, param)`` pairs).
+        lr: learning rate (default 1e-3).
+        betas: ``(b1, b2)``: momentum EMA factor and the weight of the old momentum in the
+            normalizer (default ``(0.9, 0.95)``; the paper finds ``b2 > 0.99`` unstable).
+        eps: added to the square root, outside it (default 1e-8).
+        weight_decay: decoupled weight decay, applied to every parameter of the group (default
+            0.1; use :func:`lowmem.optim.weight_decay_param_groups` to spare norms and biases).
+            Unlike the official code, the constructor value is kept in ``defaults``.
+        fused: run the step as one compiled function over all tensors (``lowmem.optim._fast``);
+            ``None`` picks it automatically for large models when ``torch.compile`` works.
+        state_in_param_dtype: keep ``exp_avg`` in the dtype of bf16/fp16 parameters instead of
+            fp32 (halves the state again, at the cost of precision).
+    """
+
+    capabilities = Capabilities(supports_dtensor=True)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        *,
+        fused: bool | None = None,
+        state_in_param_dtype: bool = False,
+    ) -> None:
+        check_hparams("AdamS", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if fused not in (None, True, False):
+            raise ValueError(f"AdamS: invalid fused={fused!r}; expected True, False or None (automatic)")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            fused=fused,
+            state_in_param_dtype=state_in_param_dtype,
+        )
+        super().__init__(params, defaults)
+
+    def _init_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], steps: list[Tensor]
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad("AdamS", p)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                dtype = state_dtype_for(p, group["state_in_param_dtype"])
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; returns the closure's loss (if a closure is given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, steps)
+            beta1, beta2 = group["betas"]
+            adams(
+                params,
+                grads,
+                exp_avgs,
+                steps,
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                fused=use_fast_path(group["fused"], total_numel),
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; fp32 state of low-precision parameters stays fp32 (torch would cast it)."""
+        super().load_state_dict(state_dict)
+        _restore_saved_state_dtypes(self, state_dict)
+
+
+def adams(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    fused: bool = False,
+) -> None:
+    """Functional AdamS step over lists of tensors (see :class:`AdamS` for the maths).
+
+    Increments each ``state_steps`` entry and updates ``params`` and ``exp_avgs`` in place;
+    ``fused=True`` runs the compiled kernel, ``False`` the for-loop reference.
+    """
+    impl = _fused_adams if fused else _single_tensor_adams
+    impl(params, grads, exp_avgs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+def _single_tensor_adams(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The readable reference: one tensor at a time, the maths in the state dtype."""
+    for p, grad, m, step_t in zip(params, grads, exp_avgs, state_steps):
+        step_t += 1
+        bc1 = 1.0 - beta1 ** step_t.item()
+        # Low-precision params with fp32 state: do the maths on an fp32 copy, round once at the end.
+        w = p if p.dtype == m.dtype else p.to(m.dtype)
+        g = grad.to(m.dtype)
+        w.mul_(1.0 - lr * weight_decay)
+        denom = (m * m).mul_(beta2 / bc1**2).addcmul_(g, g, value=1.0 - beta2).sqrt_().add_(eps)
+        m.lerp_(g, 1.0 - beta1)
+        w.addcdiv_(m, denom, value=-lr / bc1)
+        if w is not p:
+            p.copy_(w)
+
+
+def _adams_kernel(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    *,
+    param_decay: Tensor,
+    old_m_weight: Tensor,
+    one_minus_beta2: Tensor,
+    one_minus_beta1: Tensor,
+    step_size: Tensor,
+    eps: Tensor,
+) -> None:
+    """The same step for one tensor, written for Inductor: reads W, g, m once, writes W, m once.
+
+    ``old_m_weight = b2 / (1-b1^t)^2`` and ``step_size = lr / (1-b1^t)`` come precomputed in
+    float64 on the host.
+    """
+    compute = step_size.dtype  # fp32, or fp64 for fp64 tensors (the _fast scalar contract)
+    g = grad.to(compute)
+    m = exp_avg.to(compute)
+    denom = (old_m_weight * m * m + one_minus_beta2 * g * g).sqrt() + eps  # with the OLD m
+    m = m + one_minus_beta1 * (g - m)
+    exp_avg.copy_(m)
+    param.copy_(param.to(compute) * param_decay - step_size * m / denom)
+
+
+_ADAMS_FAST = FusedForeach(_adams_kernel, name="adams")
+
+
+def _fused_adams(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
+    for i, step_t in enumerate(state_steps):
+        step_t += 1
+        by_step.setdefault(step_t.item(), []).append(i)
+    for step, indices in by_step.items():
+        bc1 = 1.0 - beta1**step
+        _ADAMS_FAST(
+            [[params[i] for i in indices], [grads[i] for i in indices], [exp_avgs[i] for i in indices]],
+            scalars={
+                "param_decay": 1.0 - lr * weight_decay,
+                "old_m_weight": beta2 / bc1**2,
+                "one_minus_beta2": 1.0 - beta2,
+                "one_minus_beta1": 1.0 - beta1,
+                "step_size": lr / bc1,
+                "eps": eps,
+            },
+        )

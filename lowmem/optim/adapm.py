@@ -1,0 +1,354 @@
+"""AdaPM: partial momentum per block, low-rank momentum with residual correction (ALGORITHMS.md §4).
+
+Paper: Zhang, Liu, Fang, "AdaPM: a Partial Momentum Algorithm for LLM Training" (arXiv
+2510.09103). No public code; the decisions the paper leaves open are listed in :class:`AdaPM`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim.blocks import (
+    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_shape, check_block, expand_blocks, group_params,
+    head_config, qkv_split,
+)  # fmt: skip
+from lowmem.optim.roles import ParamRole, Role, classify_parameters
+
+__all__ = ["AdaPM", "adapm", "adapm_param_groups", "lowrank_rank"]
+
+MOMENTUM_KINDS = ("none", "lowrank", "full", "adamw", "qkv")
+SECOND_MOMENTS = ("full", "mini")
+OVERSAMPLE = 10  # extra columns of the randomized range finder
+POWER_ITERS = 2  # subspace (power) iterations of the randomized SVD
+
+# AdaPM's partition (paper §4.1); every other role gets "adamw".
+_MOMENTUM_BY_ROLE = {
+    Role.EMBEDDING: "none", Role.ATTN_OUT: "none",
+    Role.QUERY: "lowrank", Role.KEY: "lowrank",
+    Role.MLP_UP: "lowrank", Role.MLP_GATE: "lowrank", Role.MLP_DOWN: "lowrank",
+    Role.VALUE: "full", Role.QKV: "qkv",
+}  # fmt: skip
+
+
+class AdaPM(LowMemOptimizer):
+    r"""AdaPM / AdaPM-mini: a different momentum per block (ALGORITHMS.md §4).
+
+    Param-group key ``momentum`` picks the block type; :func:`adapm_param_groups` sets it by role.
+    With ``u = clamp(m / (sqrt(v) + eps), -clip, clip)`` and ``v = b2 v + (1-b2) g^2`` (no bias
+    correction, as the paper), every block except ``"adamw"`` steps ``W = W - lr (u + wd W)``, with:
+
+    - ``"none"`` (token embedding, attention output): ``m = g``.
+    - ``"full"`` (value): ``m = b1 m + (1-b1) g``.
+    - ``"lowrank"`` (query, key, MLP; W is n x m, rank ``r = ceil(rank_fraction * min(n, m))``)::
+
+          M   = (1-b1) g + b1 L R            # temporary; L (n x r), R (r x m) are fp32 state
+          L,R = refine(M)                    # see below
+          m   = L R + (M - L R) / (1-b1)     # residual-corrected momentum (paper Eq. 3-4; its
+                                             # Algorithm 1 line 8, M - (M - L R)/(1-b1), has the sign wrong)
+
+    - ``"qkv"`` (fused query/key/value, nanoGPT ``c_attn``): cut along the fan-out dim (group key
+      ``qkv_heads``, thirds by default): ``"lowrank"`` for the q and k parts, ``"full"`` for v.
+    - ``"adamw"`` (norms, biases, position embedding, LM head, conv, anything else): exactly
+      ``torch.optim.AdamW``: ``W = W (1 - lr wd) - lr (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)``,
+      no clip. ALGORITHMS.md §4 says "full AdamW" for these and defines "AdamW" with bias
+      correction; the paper's "no bias correction" is about its partial-momentum blocks.
+
+    A plain parameter list (no roles) gets ``momentum="full"`` everywhere; build the groups with
+    :func:`adapm_param_groups` to get AdaPM's partition.
+
+    State per parameter: ``step``; ``exp_avg_sq`` (v: param-sized, or one value per Adam-mini block);
+    ``exp_avg`` ("full", "adamw"); ``factor_L``/``factor_R`` ("lowrank"); ``factor_L_q``,
+    ``factor_R_q``, ``factor_L_k``, ``factor_R_k``, ``exp_avg_v`` ("qkv"). On GPT-2 small (124M,
+    tied head) that is 55% of AdamW's state bytes for AdaPM, 5.3% for AdaPM-mini.
+
+    ``second_moment="mini"`` (AdaPM-mini) replaces every ``v`` (all blocks, ``"adamw"`` included)
+    by Adam-mini's block means (:mod:`lowmem.optim.blocks`, group keys from
+    :func:`adapm_param_groups` with ``n_heads``/``dim``).
+
+    Factor refinement (deterministic, so DDP replicas stay identical without communication):
+    at the parameter's steps t = 1, 1 + T, 1 + 2T, ... (T = ``refresh_every``) L R is the rank-r
+    truncation of M by a randomized SVD (``OVERSAMPLE`` extra columns, ``POWER_ITERS`` power
+    iterations, Gaussian test matrix drawn on the CPU from a private generator seeded with the
+    step t: the global RNG is never touched, and the factors depend neither on the parameter's
+    position in the optimizer nor on how the parameters are grouped). Zero
+    factors are a saddle of the factorisation, so they are never the starting point. At every
+    other step, one sweep of alternating least squares warm-started from R, in its QR form:
+    ``L = orth(M orth(R^T))``, ``R = L^T M`` (the same product L R as the normal equations
+    ``L = M R^T (R R^T)^-1``, ``R = (L^T L)^-1 L^T M``, without squaring the condition number).
+    L has orthonormal columns after every step.
+
+    Args:
+        params: parameters or param groups, best from :func:`adapm_param_groups`.
+        lr: learning rate.
+        betas: ``(b1, b2)``.
+        eps: added to ``sqrt(v)``.
+        weight_decay: decoupled weight decay coefficient (per unit of lr).
+        rank_fraction: low-rank blocks keep rank ``ceil(rank_fraction * min(n, m))``; in (0, 1];
+            read when the factors are created (first step of each parameter).
+        refresh_every: re-initialise the factors from a randomized SVD every this many steps.
+        clip: elementwise clamp of the normalised update to ``[-clip, clip]``; ``None`` disables.
+        second_moment: ``"full"`` (AdaPM) or ``"mini"`` (AdaPM-mini).
+        state_in_param_dtype: keep ``m``/``v`` in the param dtype for bf16/fp16 params (the
+            factors stay fp32: an ALS solve in bf16 is unstable).
+    """
+
+    capabilities = Capabilities(needs_full_shapes=True, needs_param_names=True, supports_dtensor=False)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        rank_fraction: float = 0.05,
+        refresh_every: int = 100,
+        clip: float | None = 1.0,
+        second_moment: str = "full",
+        *,
+        state_in_param_dtype: bool = False,
+    ) -> None:
+        check_hparams("AdaPM", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        _check_options(rank_fraction, refresh_every, clip, second_moment)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank_fraction=rank_fraction,
+            refresh_every=refresh_every, clip=clip, second_moment=second_moment, momentum="full",
+            state_in_param_dtype=state_in_param_dtype, **BLOCK_DEFAULTS,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_options(group["rank_fraction"], group["refresh_every"], group["clip"], group["second_moment"])
+        kind = group["momentum"]
+        if kind not in MOMENTUM_KINDS:
+            raise ValueError(f"AdaPM: invalid momentum={kind!r} in a param group; expected one of {MOMENTUM_KINDS}")
+        for p in group["params"]:
+            if kind in ("lowrank", "qkv") and p.ndim != 2:
+                raise ValueError(
+                    f"AdaPM: momentum={kind!r} needs a matrix, got a parameter of shape {tuple(p.shape)}; "
+                    "put it in a group with momentum='full' or 'none'"
+                )
+            if kind == "qkv":
+                qkv_split(p.shape[group["fan_out_dim"]], tuple(group["qkv_heads"]))
+            if group["second_moment"] == "mini":
+                check_block(p, group, "AdaPM-mini")
+
+    def _init_group(self, group: dict, params: list, grads: list, states: list) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad("AdaPM", p)
+            state = self.state[p]
+            if not state:
+                _init_state(state, p, group)
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (if a closure is given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states = [], [], []
+            self._init_group(group, params, grads, states)
+            beta1, beta2 = group["betas"]
+            adapm(
+                params, grads, states,
+                momentum=group["momentum"], second_moment=group["second_moment"], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                clip=group["clip"], refresh_every=group["refresh_every"],
+                blocks={k: group[k] for k in BLOCK_DEFAULTS},
+            )  # fmt: skip
+        return loss
+
+
+def _check_options(rank_fraction: Any, refresh_every: Any, clip: Any, second_moment: Any) -> None:
+    check_hparams("AdaPM", lr=0.0, rank_fraction=rank_fraction, refresh_every=refresh_every)
+    if float(rank_fraction) > 1.0:
+        raise ValueError(f"AdaPM: invalid rank_fraction={rank_fraction!r}; it must be in (0, 1]")
+    if not isinstance(refresh_every, int):
+        raise ValueError(f"AdaPM: invalid refresh_every={refresh_every!r}; it must be an int >= 1 (steps)")
+    if clip is not None:
+        check_hparams("AdaPM", lr=0.0, clip=clip)
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"AdaPM: invalid second_moment={second_moment!r}; expected one of {SECOND_MOMENTS}")
+
+
+def lowrank_rank(n: int, m: int, rank_fraction: float) -> int:
+    """``r = ceil(rank_fraction * min(n, m))``, at least 1 unless the matrix is empty (the product
+    is rounded to 9 decimals first, so that 0.07 * 100 = 7.000000000000001 gives 7, not 8)."""
+    return min(min(n, m), max(1, math.ceil(round(rank_fraction * min(n, m), 9))))
+
+
+def _segments(shape: torch.Size, group: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, int] | None]]:
+    """Momentum parts of a parameter: ``(state-key suffix, "full"|"lowrank", (start, length) along
+    the fan-out dim or None for the whole tensor)``."""
+    kind = group["momentum"]
+    if kind == "none":
+        return []
+    if kind in ("full", "adamw"):
+        return [("", "full", None)]
+    if kind == "lowrank":
+        return [("", "lowrank", None)]
+    q, k, v = qkv_split(shape[group["fan_out_dim"]], tuple(group["qkv_heads"]))
+    return [("_q", "lowrank", (0, q)), ("_k", "lowrank", (q, k)), ("_v", "full", (q + k, v))]
+
+
+def _part(t: torch.Tensor, dim: int, span: tuple[int, int] | None) -> torch.Tensor:
+    return t if span is None else t.narrow(dim, *span)
+
+
+def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
+    dtype = state_dtype_for(p, group["state_in_param_dtype"])
+    factor_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    v_shape = block_shape(p.shape, group) if group["second_moment"] == "mini" else p.shape
+    state["exp_avg_sq"] = torch.zeros(v_shape, dtype=dtype, device=p.device)
+    for suffix, kind, span in _segments(p.shape, group):
+        part = _part(p, group["fan_out_dim"], span)
+        if kind == "full":
+            state["exp_avg" + suffix] = torch.zeros(part.shape, dtype=dtype, device=p.device)
+        else:
+            n, m = part.shape
+            r = lowrank_rank(n, m, group["rank_fraction"])
+            # Zeros are placeholders: the first step re-initialises the factors from an SVD of M.
+            state["factor_L" + suffix] = torch.zeros(n, r, dtype=factor_dtype, device=p.device)
+            state["factor_R" + suffix] = torch.zeros(r, m, dtype=factor_dtype, device=p.device)
+
+
+def _truncated_svd(M: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors of M by a randomized SVD: ``L`` (n x r, orthonormal), ``R = L^T M``."""
+    n, m = M.shape
+    k = min(r + OVERSAMPLE, n, m)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(m, k, generator=generator, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(POWER_ITERS):  # re-orthonormalise between the products: fp32 loses the small directions
+        Q = torch.linalg.qr(M @ torch.linalg.qr(M.T @ Q).Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ U[:, :r], S[:r, None] * Vh[:r]
+
+
+def _als_sweep(M: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One alternating-least-squares sweep (L step, then R step) warm-started from R, in QR form."""
+    L = torch.linalg.qr(M @ torch.linalg.qr(R.T).Q).Q
+    return L, L.T @ M
+
+
+def _lowrank_momentum(
+    g: torch.Tensor, L: torch.Tensor, R: torch.Tensor, beta1: float, refresh: bool, seed: int
+) -> torch.Tensor:
+    """Update the factors in place; return the corrected momentum ``L R + (M - L R)/(1-b1)``."""
+    M = torch.addmm(g.to(L.dtype), L, R, beta=1 - beta1, alpha=beta1)  # (1-b1) g + b1 L R
+    if M.numel() == 0:
+        return M
+    new_L, new_R = _truncated_svd(M, L.shape[1], seed) if refresh else _als_sweep(M, R)
+    L.copy_(new_L)
+    R.copy_(new_R)
+    return torch.addmm(M, L, R, alpha=-beta1).div_(1 - beta1)  # = L R + (M - L R)/(1-b1)
+
+
+def _momentum(g: torch.Tensor, state: dict, group: Mapping[str, Any], step: int) -> torch.Tensor:
+    """The block's momentum estimate m (a fresh tensor or the exp_avg state; never g itself modified)."""
+    segments = _segments(g.shape, group)
+    if not segments:
+        return g
+    if segments[0][2] is None and segments[0][1] == "full":
+        return state["exp_avg"].lerp_(g, 1 - group["beta1"])
+    refresh = (step - 1) % group["refresh_every"] == 0
+    out = torch.empty_like(g, dtype=torch.promote_types(g.dtype, state["factor_L" + segments[0][0]].dtype))
+    dim = group["fan_out_dim"]
+    for suffix, kind, span in segments:
+        g_part = _part(g, dim, span)
+        if kind == "full":
+            value = state["exp_avg" + suffix].lerp_(g_part, 1 - group["beta1"])
+        else:
+            L, R = state["factor_L" + suffix], state["factor_R" + suffix]
+            value = _lowrank_momentum(g_part, L, R, group["beta1"], refresh, seed=step)
+        _part(out, dim, span).copy_(value)
+    return out
+
+
+def adapm(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, torch.Tensor]],
+    *,
+    momentum: str,
+    second_moment: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip: float | None,
+    refresh_every: int,
+    blocks: Mapping[str, Any],
+) -> None:
+    """Functional AdaPM step over one param group (see :class:`AdaPM`); ``states`` are the
+    per-parameter state dicts."""
+    group = dict(blocks, momentum=momentum, beta1=beta1, refresh_every=refresh_every)
+    mini = second_moment == "mini"
+    for param, grad, state in zip(params, grads, states):
+        state["step"] += 1
+        step = int(state["step"].item())
+        exp_avg_sq = state["exp_avg_sq"]
+        g = grad.to(exp_avg_sq.dtype)
+        if mini:
+            exp_avg_sq.mul_(beta2).add_(block_mean_sq(g, blocks), alpha=1 - beta2)
+            v = expand_blocks(exp_avg_sq, param.shape, blocks)
+        else:
+            v = exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m = _momentum(g, state, group, step)
+        if momentum == "adamw":  # torch.optim.AdamW, bias-corrected, no clip
+            denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            update = m / denom
+            update_scale = lr / (1 - beta1**step)
+        else:
+            update = m / (v.sqrt() + eps)
+            if clip is not None:
+                update.clamp_(-clip, clip)
+            update_scale = lr
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.add_(update.to(param.dtype), alpha=-update_scale)
+
+
+def adapm_param_groups(
+    model: nn.Module,
+    *,
+    n_heads: int | None = None,
+    dim: int | None = None,
+    n_kv_heads: int | None = None,
+    weight_decay: float | None = None,
+    overrides: Mapping[str, Role | str] | None = None,
+) -> list[dict]:
+    """Param groups with AdaPM's partition by role (ALGORITHMS.md §4) and Adam-mini's v blocks.
+
+    ``momentum``: token embedding, attention output: ``"none"``; query, key, MLP matrices:
+    ``"lowrank"``; value: ``"full"``; fused q/k/v: ``"qkv"``; everything else: ``"adamw"``.
+    Block keys for AdaPM-mini as :func:`~lowmem.optim.adam_mini_param_groups`; query/key blocks
+    need ``n_heads`` and ``dim`` (AdaPM with a full second moment does not). ``n_kv_heads`` cuts a
+    fused grouped-query q/k/v projection; without head counts a fused projection is cut in thirds.
+    """
+    head_dim, qkv_heads = head_config(n_heads, dim, n_kv_heads)
+
+    def keys_of(info: ParamRole) -> dict[str, Any]:
+        kind = _MOMENTUM_BY_ROLE.get(info.role, "adamw")
+        if kind in ("lowrank", "qkv") and info.param.ndim != 2:
+            kind = "full"
+        return dict(block_keys(info, head_dim, qkv_heads), momentum=kind)
+
+    return group_params(model, classify_parameters(model, overrides), keys_of, weight_decay, overrides)

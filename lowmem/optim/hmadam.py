@@ -1,0 +1,539 @@
+"""HMAdam / HMAdamW: Adam whose first moment lives in the gradient buffer (ALGORITHMS.md §1).
+
+The only optimizer state is ``v`` (``exp_avg_sq``). The momentum is ``p.grad`` itself, the
+buffer ``B``: instead of being zeroed it is decayed, ``B <- b1 B``, so that the next backward
+pass leaves ``B = b1 B_prev + g_t`` and ``m_t = (1 - b1) B`` is Adam's ``exp_avg``. This saves one
+parameter-sized tensor at the peak of the step (AdamW holds P + G + m + v, HMAdam P + B + v).
+
+Step ``t`` (``t`` counts from 1; ``wd`` the weight decay)::
+
+    HMAdam only:   B = B + wd W                                  # coupled L2: enters the history
+    m   = (1 - b1) B                                             # a temporary, never stored
+    c_t = (1 + b1) / ((1 - b1)(1 - b1^(2t)))                     # variance_correction="noise"
+    v   = b2 v + (1 - b2) c_t m^2
+    HMAdamW only:  W = W (1 - lr wd)                             # decoupled decay
+    W   = W - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    B   = b1 B                                                   # the decay for step t + 1
+
+Units: ``B`` is in gradient units times ``1/(1 - b1)`` (for a constant gradient g, B -> g/(1-b1));
+``m`` and ``v`` are in Adam's units (gradient and gradient squared), so lr, eps and weight decay
+mean what they mean for AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._fast import FusedForeach, compile_available, local_tensor
+
+__all__ = ["HMAdam", "HMAdamW", "hmadam", "variance_scale"]
+
+VARIANCE_CORRECTIONS = ("noise", "stationary", "none")
+FAST_PATH_MIN_NUMEL = 1 << 20  # fused=None picks the compiled path from this many elements on
+
+
+def variance_scale(kind: str, beta1: float, step: float) -> float:
+    """The factor ``c`` with ``E[c m_t^2] = E[g^2]`` for pure-noise gradients (research §1.2).
+
+    ``"noise"``: ``(1+b1) / ((1-b1)(1-b1^(2t)))``, exact for zero-mean gradients at every step and
+    exact at ``t = 1`` for any gradient; over-estimates ``v`` by up to ``(1+b1)/(1-b1)`` (19 for
+    b1 = 0.9) for a pure signal. ``"stationary"``: its limit ``(1+b1)/(1-b1)``. ``"none"``: 1.
+    """
+    if kind == "noise":
+        return (1 + beta1) / ((1 - beta1) * (1 - beta1 ** (2 * step)))
+    if kind == "stationary":
+        return (1 + beta1) / (1 - beta1)
+    return 1.0
+
+
+class HMAdam(LowMemOptimizer):
+    """Adam with coupled L2 (``B = B + wd W``) and the first moment folded into ``p.grad``.
+
+    The maths is in the module docstring. What changes for the training loop:
+
+    * **zero_grad decays, it never zeroes or frees.** The decay ``B <- b1 B`` is fused into the
+      end of :meth:`step` (24 instead of 28 bytes moved per parameter in the fast path);
+      :meth:`zero_grad` applies it only if no ``step()`` has run since the buffers were last
+      decayed (e.g. before the first step, or after a skipped step), whatever ``set_to_none`` says.
+      So the buffers are decayed exactly once between two steps, whatever the number of
+      ``zero_grad()`` calls or backward passes (gradient accumulation just adds the micro-batch
+      gradients into ``B``). Observable consequence: between ``step()`` and the next backward,
+      ``p.grad`` already holds ``b1 B``, not the gradient of the last step.
+    * **Guard.** ``step()`` raises ``RuntimeError`` if a parameter's buffer was freed (``.grad`` set
+      to None) or replaced by another tensor since the optimizer last decayed it: some code
+      outside the optimizer (``model.zero_grad()``, a framework) destroyed the momentum.
+      Limitation: an in-place ``p.grad.zero_()`` keeps the tensor and cannot be told apart from
+      an accumulation without reading the data again, so it is not detected. (The version
+      counter cannot separate the two either: autograd's accumulation bumps it the same way.)
+    * **Parameters without gradient.** A parameter whose ``.grad`` is None and that never had
+      momentum is skipped, as in Adam. One that has a buffer but got no new gradient this step
+      (an unused branch) still decays and still steps with its decayed momentum.
+    * **Momentum clipping** (``max_momentum_norm``). ``clip_grad_norm_`` on ``.grad`` would clip
+      the whole history, with a threshold that means something else (``||B||`` is ~1/(1-b1) times
+      a gradient's norm). Instead, when ``max_momentum_norm`` is set, ``step()`` computes the
+      global norm of ``m = (1-b1) B`` over all parameters of the optimizer (gradient units, like
+      an AdamW user's clipping threshold) and, if it exceeds the threshold, scales the stored
+      buffers ``B`` (not just this step's ``m``) by ``max_momentum_norm / norm`` before the
+      update. The clipped momentum is the state that decays onward, as AdamW keeps the clipped
+      gradient in ``exp_avg``: a gradient spike then fades from a bounded size instead of steering
+      ~1/(1-b1) further steps at the full threshold. For HMAdam the clip acts before the L2 term
+      is added, as ``clip_grad_norm_`` acts before ``torch.optim.Adam`` adds ``wd W``. Each group
+      compares the one global norm with its own threshold.
+    * **Checkpoints.** :meth:`state_dict` adds a copy of each buffer (``momentum_buffer``) and
+      :meth:`load_state_dict` writes it back into ``p.grad``, so a resumed run continues bit for
+      bit. Save the optimizer state dict, not just the model's.
+    * **Precision.** ``v`` is fp32 for bf16/fp16 parameters unless ``state_in_param_dtype=True``;
+      the momentum lives in ``.grad``, i.e. in the parameter's dtype: with bf16 parameters the
+      EMA of the gradient is rounded to bf16 (8 bits of mantissa) at every decay and
+      accumulation, which is coarser than AdamW's fp32 ``exp_avg``.
+    * **Not for** an fp16 ``GradScaler`` as is (``unscale_`` divides the whole history; a scaler
+      aware integration uses :meth:`scale_momentum_`), gradient-compression DDP hooks, or
+      optimizer-in-backward schemes that free gradients.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (>= 0).
+        betas: ``(b1, b2)``: decay of the momentum buffer and of ``v``, each in [0, 1).
+        eps: added to ``sqrt(v_hat)``, gradient units.
+        weight_decay: coupled L2 for HMAdam, decoupled (times lr) for HMAdamW.
+        variance_correction: ``"noise"`` (default), ``"stationary"`` or ``"none"``; see
+            :func:`variance_scale`.
+        fused: ``True`` runs the step as one ``torch.compile``'d kernel (``lowmem.optim._fast``;
+            the first step compiles for ~10 s), ``False`` the plain for-loop, ``None`` picks the
+            compiled one when the optimizer holds at least 2**20 elements and compile is available.
+        state_in_param_dtype: keep ``v`` in the parameter's dtype instead of fp32.
+        max_momentum_norm: clip threshold on the global norm of ``m = (1-b1) B``; None disables.
+    """
+
+    decoupled_weight_decay: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        folds_momentum_into_grad=True, supports_grad_scaler=False, supports_dtensor=True
+    )
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        variance_correction: str = "noise",
+        fused: bool | None = None,
+        state_in_param_dtype: bool = False,
+        max_momentum_norm: float | None = None,
+    ) -> None:
+        name = type(self).__name__
+        check_hparams(name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if variance_correction not in VARIANCE_CORRECTIONS:
+            raise ValueError(
+                f"{name}: invalid variance_correction={variance_correction!r}; expected one of {VARIANCE_CORRECTIONS}"
+            )
+        if max_momentum_norm is not None:
+            check_hparams(name, lr=lr, max_momentum_norm=max_momentum_norm)
+        if fused not in (None, True, False):
+            raise ValueError(f"{name}: invalid fused={fused!r}; expected True, False or None (automatic)")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            variance_correction=variance_correction,
+            fused=fused,
+            state_in_param_dtype=state_in_param_dtype,
+            max_momentum_norm=max_momentum_norm,
+        )
+        super().__init__(params, defaults)
+        self._decay_pending = True  # zero_grad() must still decay: no step() since the last decay
+        self._seen: dict[Tensor, tuple[weakref.ref, int]] = {}  # param -> (its buffer, data_ptr)
+
+    # ------------------------------------------------------------------------------- the step
+    def _init_group(self, group_index: int, group: dict[str, Any], first_index: int) -> tuple[list, list, list, list]:
+        """Check buffers against the guard, create state lazily, return the tensor lists."""
+        name = type(self).__name__
+        params, grads, exp_avg_sqs, steps = [], [], [], []
+        for offset, p in enumerate(group["params"]):
+            check_grad(name, p)
+            self._check_buffer(p, group_index, first_index + offset)
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                dtype = state_dtype_for(p, group["state_in_param_dtype"])
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avg_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch.optim.Optimizer's signature
+        """Update the parameters from the momentum in ``.grad``, then decay it (see the class doc)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every group before touching any tensor: a failed guard leaves everything as it was.
+        collected, first = [], 0
+        for i, group in enumerate(self.param_groups):
+            collected.append(self._init_group(i, group, first))
+            first += len(group["params"])
+        clip = any(g["max_momentum_norm"] is not None for g in self.param_groups)
+        total_norm = self.momentum_norm() if clip else None
+        total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        for group, (params, grads, exp_avg_sqs, steps) in zip(self.param_groups, collected):
+            max_norm = group["max_momentum_norm"]
+            clip_coef = None if max_norm is None else torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+            fused = group["fused"]
+            if fused is None:
+                fused = total_numel >= FAST_PATH_MIN_NUMEL and compile_available()
+            beta1, beta2 = group["betas"]
+            hmadam(
+                params,
+                grads,
+                exp_avg_sqs,
+                steps,
+                clip_coef=clip_coef,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                variance_correction=group["variance_correction"],
+                decoupled=self.decoupled_weight_decay,
+                fused=fused,
+            )
+        self._decay_pending = False
+        self._remember_buffers()
+        return loss
+
+    # ---------------------------------------------------------------------- momentum handling
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Decay the momentum buffers ``B <- b1 B`` in place unless ``step()`` already did.
+
+        Never frees or zeroes ``.grad`` (``set_to_none`` is accepted for compatibility and
+        ignored). Calling it several times between two steps decays once. Use
+        :meth:`reset_momentum` to discard the momentum on purpose.
+        """
+        if self._decay_pending:
+            for group in self.param_groups:
+                grads = [p.grad for p in group["params"] if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, group["betas"][0])
+            self._decay_pending = False
+        # No _remember_buffers() here: a buffer freed or replaced since the last step must still
+        # trip the guard at the next step, even if the loop calls zero_grad() in between.
+
+    def reset_momentum(self, params: Iterable[Tensor] | None = None) -> None:
+        """Zero the momentum buffers (all, or those of ``params``) in place; ``v`` is kept."""
+        wanted = None if params is None else {id(p) for p in params}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and (wanted is None or id(p) in wanted):
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def scale_momentum_(self, factor: float | Tensor) -> None:
+        """Multiply every buffer by ``factor`` in place, e.g. ``S_next / S_prev`` to move the
+        history into the units of the coming loss-scaled backward (fp16 ``GradScaler``)."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    @torch.no_grad()
+    def momentum_norm(self) -> Tensor:
+        """Global L2 norm of ``m = (1 - b1) B`` over all buffers (gradient units; 0-d tensor).
+
+        The figure an AdamW user's gradient-clipping threshold compares with. Between a backward
+        and ``step()`` it is the momentum the step will use; after ``step()`` it is the decayed one.
+        """
+        norms = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dtype = torch.float64 if p.grad.dtype == torch.float64 else torch.float32
+                    norms.append((1 - group["betas"][0]) * torch.linalg.vector_norm(p.grad, dtype=dtype))
+        if not norms:
+            return torch.zeros(())
+        device = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        return total.full_tensor() if hasattr(total, "full_tensor") else total  # DTensor: all shards
+
+    def accept_grad_buffers(self) -> None:
+        """Declare the current ``.grad`` tensors to be the momentum buffers.
+
+        For integrations that legitimately replaced a buffer with an equal-valued tensor (e.g.
+        DDP with ``gradient_as_bucket_view=True`` re-pointing ``.grad`` into its buckets) and
+        would otherwise trip the guard at the next ``step()``.
+        """
+        self._remember_buffers()
+
+    def _remember_buffers(self) -> None:
+        self._seen = {
+            p: (weakref.ref(p.grad), local_tensor(p.grad).data_ptr())
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        }
+
+    def _check_buffer(self, p: Tensor, group_index: int, index: int) -> None:
+        seen = self._seen.get(p)
+        if seen is None:
+            return
+        ref, ptr = seen
+        if p.grad is None:
+            what = "was freed (.grad set to None)"
+        elif ref() is not p.grad or local_tensor(p.grad).data_ptr() != ptr:
+            what = "was replaced by another tensor (freed and re-created by a backward, or reassigned)"
+        else:
+            return
+        name = type(self).__name__
+        raise RuntimeError(
+            f"{name} keeps its momentum in .grad, but the gradient buffer of parameter {index} "
+            f"(group {group_index}, shape {tuple(p.shape)}) {what} since the optimizer last decayed it: "
+            "something zeroed or freed gradients outside the optimizer, e.g. a training loop's model.zero_grad() "
+            "or a framework's own zero_grad/set_to_none, and the momentum is lost. Fix: call only "
+            f"optimizer.zero_grad() (it decays the buffers instead of zeroing them) or use lowmem's Lightning "
+            "integration (lowmem.strategies). To restart the momentum on purpose call optimizer.reset_momentum(); "
+            "if a framework moved the buffers without changing their values, call optimizer.accept_grad_buffers()."
+        )
+
+    # ------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict plus, per parameter with a buffer, a copy of it
+        (``momentum_buffer``) and whether ``zero_grad()`` still owes its decay."""
+        sd = super().state_dict()
+        state = dict(sd["state"])  # entries are the live per-param dicts: copy before adding keys
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state[index] = {
+                        **state.get(index, {}),
+                        "momentum_buffer": p.grad.detach().clone(),
+                        "momentum_decay_pending": self._decay_pending,
+                    }
+                index += 1
+        sd["state"] = state
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ``v`` and ``step`` with their saved dtype and put each ``momentum_buffer`` back
+        into ``p.grad`` (copied into an existing buffer, else a new one)."""
+        momenta, state, pending = {}, {}, True
+        for key, entry in state_dict["state"].items():
+            entry = dict(entry)
+            if "momentum_buffer" in entry:
+                momenta[key] = entry.pop("momentum_buffer")
+            pending = bool(entry.pop("momentum_decay_pending", pending))
+            if entry:
+                state[key] = entry
+        super().load_state_dict({**state_dict, "state": state})
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, entry in state.items():
+            # torch casts floating state to the param dtype (bf16 params would lose fp32 v) and,
+            # with "fused" in the group, moves "step" to the param's device: keep them as saved.
+            p = params[key]
+            for name, value in entry.items():
+                if isinstance(value, Tensor):
+                    device = value.device if name == "step" else p.device
+                    self.state[p][name] = value.detach().to(device=device, copy=True)
+        with torch.no_grad():
+            for key, buf in momenta.items():
+                p = params[key]
+                if p.grad is not None and p.grad.shape == buf.shape:
+                    p.grad.copy_(buf)
+                else:
+                    p.grad = buf.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        self._decay_pending = pending
+        self._remember_buffers()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The momentum travels with deepcopy/pickle (Parameter.__deepcopy__ drops .grad).
+        momentum = [p.grad for g in self.param_groups for p in g["params"]]
+        return {**super().__getstate__(), "_decay_pending": self._decay_pending, "_momentum": momentum}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        momentum = state.pop("_momentum", None)
+        super().__setstate__(state)
+        self.__dict__.setdefault("_decay_pending", True)
+        if momentum is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for p, buf in zip(params, momentum):
+                if p.grad is None and buf is not None:
+                    p.grad = buf
+        self._remember_buffers()  # a copy's buffers are new tensors: re-arm the guard on them
+
+
+class HMAdamW(HMAdam):
+    """HMAdam with decoupled weight decay ``W <- W (1 - lr wd)`` (AdamW's), default ``wd = 1e-2``.
+
+    Everything else, including the training-loop contract, is documented on :class:`HMAdam`.
+    """
+
+    decoupled_weight_decay: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        variance_correction: str = "noise",
+        fused: bool | None = None,
+        state_in_param_dtype: bool = False,
+        max_momentum_norm: float | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            variance_correction=variance_correction,
+            fused=fused,
+            state_in_param_dtype=state_in_param_dtype,
+            max_momentum_norm=max_momentum_norm,
+        )
+
+
+# ------------------------------------------------------------------------ functional core
+def hmadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    clip_coef: Tensor | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    variance_correction: str,
+    decoupled: bool,
+    fused: bool,
+) -> None:
+    """One HMAdam(W) step over lists of tensors; ``grads`` are the momentum buffers ``B``.
+
+    Increments each ``state_steps`` entry, updates ``params`` and ``exp_avg_sqs`` in place, scales
+    ``grads`` by ``clip_coef`` (if given) and decays them by ``beta1``.
+    """
+    impl = _fused_hmadam if fused else _single_tensor_hmadam
+    impl(
+        params,
+        grads,
+        exp_avg_sqs,
+        state_steps,
+        clip_coef=clip_coef,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        variance_correction=variance_correction,
+        decoupled=decoupled,
+    )
+
+
+def _single_tensor_hmadam(
+    params, grads, exp_avg_sqs, state_steps, *, clip_coef, lr, beta1, beta2, eps, weight_decay, variance_correction,
+    decoupled,
+) -> None:  # fmt: skip
+    for param, buf, exp_avg_sq, step_t in zip(params, grads, exp_avg_sqs, state_steps):
+        step_t += 1
+        step = step_t.item()
+        compute = torch.float64 if exp_avg_sq.dtype == torch.float64 else torch.float32
+        b = buf.to(compute)  # the buffer itself, or an fp32 copy of a bf16/fp16 buffer
+        if clip_coef is not None:
+            b.mul_(clip_coef)
+        if weight_decay != 0 and not decoupled:
+            b.add_(param, alpha=weight_decay)  # coupled L2 enters the history, like Adam's g + wd W
+        m = b * (1 - beta1)
+        c = variance_scale(variance_correction, beta1, step)
+        exp_avg_sq.mul_(beta2).addcmul_(m, m, value=(1 - beta2) * c)
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(m, denom, value=-lr / bias_correction1)
+        b.mul_(beta1)  # the decay for the next step (zero_grad() then has nothing left to do)
+        if b is not buf:
+            buf.copy_(b)
+
+
+def _hmadam_kernel(
+    param: Tensor,
+    buf: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    clip_coef: Tensor,
+    weight_decay: Tensor,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    v_scale: Tensor,
+    param_decay: Tensor,
+    step_size: Tensor,
+    bias_correction2_sqrt: Tensor,
+    eps: Tensor,
+    beta1: Tensor,
+    decoupled: bool,
+) -> None:
+    """The same step for one tensor, written for Inductor: reads W, B, v once, writes each once.
+
+    Scalar combinations (``1 - b1``, ``(1 - b2) c_t``, ``1 - lr wd``, ``lr / (1 - b1^t)``) come
+    precomputed in float64 on the host: ``1 - 0.999`` in float32 is off by 5e-5 relative.
+    """
+    compute = step_size.dtype  # fp32, or fp64 for fp64 tensors (the _fast scalar contract)
+    b = buf.to(compute) * clip_coef
+    w = param.to(compute)
+    if not decoupled:
+        b = b + weight_decay * w
+    m = one_minus_beta1 * b
+    v = beta2 * exp_avg_sq.to(compute) + v_scale * m * m
+    if decoupled:
+        w = w * param_decay
+    w = w - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps)
+    exp_avg_sq.copy_(v)
+    param.copy_(w)
+    buf.copy_(beta1 * b)
+
+
+_HMADAM_FAST = FusedForeach(_hmadam_kernel, name="hmadam")
+
+
+def _fused_hmadam(
+    params, grads, exp_avg_sqs, state_steps, *, clip_coef, lr, beta1, beta2, eps, weight_decay, variance_correction,
+    decoupled,
+) -> None:  # fmt: skip
+    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
+    for i, step_t in enumerate(state_steps):
+        step_t += 1
+        by_step.setdefault(step_t.item(), []).append(i)
+    for step, indices in by_step.items():
+        _HMADAM_FAST(
+            [[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]],
+            scalars={
+                "clip_coef": 1.0 if clip_coef is None else clip_coef,
+                "weight_decay": weight_decay,
+                "one_minus_beta1": 1 - beta1,
+                "beta2": beta2,
+                "v_scale": (1 - beta2) * variance_scale(variance_correction, beta1, step),
+                "param_decay": 1 - lr * weight_decay,
+                "step_size": lr / (1 - beta1**step),
+                "bias_correction2_sqrt": math.sqrt(1 - beta2**step),
+                "eps": eps,
+                "beta1": beta1,
+            },
+            static={"decoupled": decoupled},
+        )

@@ -1,0 +1,468 @@
+"""IO-Adam: second moments from layer inputs and output gradients (ALGORITHMS.md §5).
+
+Chen, Huo, Yan, "IO-Adam: Rethinking Memory-Efficient Adaptive Optimizers from Gradient
+Computation" (ICML 2026). For a Linear weight ``W`` (n_out x n_in) the gradient is
+``G = sum_tokens dY^T X``; by Hölder's inequality, per entry,
+
+    |G[i, j]| <= (sum_tokens |dY[:, i]|^q)^(1/q) (sum_tokens |X[:, j]|^p)^(1/p),  1/p + 1/q = 1,
+
+so EMAs of those two vectors bound Adam's second moment with ``n_out + n_in`` numbers per slot.
+Per step ``t`` (from 1), with ``k = (t-1) mod b`` the buffer slot of this step::
+
+    C[:, k] += (1-b2) sum_tokens |X|^p         # C: n_in x b   (state "in_stats")
+    R[:, k] += (1-b2) sum_tokens |dY|^q        # R: n_out x b  (state "out_stats")
+    M = b1 M + (1-b1) G                        # full n_out x n_in (state "exp_avg")
+    W = W (1 - lr wd)
+    D = (sum_k R[:,k]^(2/q) (x) C[:,k]^(2/p))^(1/2)      buffer_mode="paper"    (Eq. 9 / 18)
+    D = sum_k R[:,k]^(1/q) (x) C[:,k]^(1/p)              buffer_mode="per_slot"
+    W = W - lr (1-b2^t)/(1-b1^t) M / (D + eps)
+    k = (k+1) mod b ;  R = b2 R ;  C = b2 C    # decay after the update
+
+Bias correction: ``D^2`` is a product of two EMAs, each carrying a factor ``(1-b2^t)``, so
+``V_hat = D^2/(1-b2^t)^2`` and ``M_hat/sqrt(V_hat) = (1-b2^t)/(1-b1^t) M/D``: the spec's
+step-size factor and "bias correction (1-b2^t)^2 of the product" are the same statement. eps
+is added to the uncorrected ``D`` (as in the authors' code), i.e. it acts as ``eps/(1-b2^t)``.
+
+Gradient accumulation and loss scaling: statistics use ``dY`` exactly as autograd delivers it,
+summed over every token of every micro-batch between two steps, as the gradient is. With the
+usual ``loss / n_micro`` scaling this equals the full-batch statistics; in general the update is
+invariant to any constant loss scale ``s`` (``M`` and ``D`` both scale by ``|s|``; only eps is
+not). The same argument makes the DDP average of ``R`` and ``C`` equal the single-process
+full-batch statistics.
+
+Everything not owned by IO-Adam (biases, norms, embeddings, convolutions, Linear weights used
+elsewhere) follows AdamW in the same optimizer. See ``lowmem.optim._io_stats`` for how the
+statistics are captured.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum
+from lowmem.optim.roles import weight_decay_param_groups
+
+__all__ = ["IOAdam", "io_adam"]
+
+_BUFFER_MODES = ("paper", "per_slot")
+
+
+def _check_single_process() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"IOAdam(fused=True) runs in a single process only, but torch.distributed is initialized with world "
+            f"size {dist.get_world_size()}: under DDP the fused weights have no .grad for DDP to average, so the "
+            "replicas would drift apart. Use IOAdam(model, fused=False), which lets DDP average the gradients and "
+            "all-reduces the input/output statistics in step()."
+        )
+
+
+class IOAdam(LowMemOptimizer):
+    r"""IO-Adam for the ``nn.Linear`` weights of ``model``, AdamW for every other parameter.
+
+    See the module docstring for the update. State per IO-Adam weight: ``exp_avg`` (M, the
+    weight's shape), ``out_stats`` (R, n_out x b), ``in_stats`` (C, n_in x b), ``slot`` (k, an
+    int) and ``step`` (0-d float32); AdamW parameters keep ``exp_avg``, ``exp_avg_sq``, ``step``.
+    In fp32 that is ``4 (n_out n_in + b (n_out + n_in))`` bytes per weight: about half of AdamW.
+
+    Learning rate: the bound ``D >= sqrt(v)`` can be loose by up to the token count, so IO-Adam's
+    best lr is about 10x AdamW's (the paper: 0.02-0.025 vs 0.002); ``adamw_lr`` sets the other
+    parameters' lr separately. With ``buffer_mode="paper"`` ``D`` shrinks about ``1/sqrt(b)`` as
+    the buffer grows (a sum of b partially filled slots under one root), so retune lr when you
+    change ``buffer_size``; ``"per_slot"`` (sum of per-slot roots) keeps the scale of ``b = 1``.
+
+    Which weights: a 2-D trainable parameter that a plain ``nn.Linear`` uses as its weight and
+    that no other module registers, except dense ``nn.Embedding`` layers tied to it (their
+    gradient is an outer-product sum too, see ``_io_stats``). Linear layers inside
+    ``nn.MultiheadAttention`` and Linear subclasses with their own ``forward`` get AdamW. A weight
+    used by code that bypasses the module (``F.linear(x, lin.weight)``) gets a gradient without
+    statistics: the first such step raises an error; a partial bypass cannot be detected.
+
+    Statistics are staged between steps and committed in ``step()``; ``zero_grad()`` discards
+    them with the gradients (``fused=False``), so a skipped step leaks nothing. With ``fused=True``
+    there is no gradient to discard: ``zero_grad()`` leaves the accumulated momentum and
+    statistics alone and every backward until the next step counts, like gradient accumulation.
+    ``load_state_dict`` discards staged statistics. Staged statistics are not saved (nor are
+    gradients).
+
+    Distributed: under DDP (``fused=False``) ``step()`` all-reduces (averages) this step's staged
+    sums of every IO-Adam weight in one collective over the default process group before it
+    commits them, so every rank computes the same ``D``; every rank must call ``step()``.
+    ``fused=True`` refuses a world size above 1. FSDP/DTensor is not supported (the factors need
+    the full X and dY of each layer).
+
+    Not compatible with an fp16 ``GradScaler`` (``R`` sees the scaled ``dY``, the unscale does
+    not reach it, and fused updates happen before the inf check): use bf16. Gradient clipping
+    scales ``M`` but not ``D``, and with ``fused=True`` it does not see these weights at all.
+
+    Args:
+        model: the module to optimize (all its trainable parameters); hooks are registered on
+            its Linear (and tied Embedding) modules, so a DDP wrapper may be added before or
+            after. Not tested under ``torch.compile``.
+        lr: learning rate (default 1e-3).
+        betas: ``(b1, b2)`` (default ``(0.9, 0.999)``).
+        eps: added to the uncorrected ``D`` (default 1e-8).
+        weight_decay: decoupled weight decay for matrices (default 0.1); norms, biases and the
+            model's ``no_weight_decay()`` names get none (``weight_decay_param_groups``).
+        buffer_size: number of slots ``b`` in R and C (default 16).
+        p: Hölder exponent of the inputs, ``p > 1``; the output gradients use ``q = p/(p-1)``
+            (default 2). A large ``q`` (p near 1) can underflow ``|dY|^q`` in fp32.
+        buffer_mode: ``"paper"`` (root of the sum over slots) or ``"per_slot"`` (sum of roots).
+        fused: accumulate ``M`` in the backward straight from ``dY`` and ``X``; the IO-Adam
+            weights then never get a ``.grad`` (single process only).
+        adamw_lr: lr of the AdamW parameters (default: ``lr``).
+        state_in_param_dtype: keep state in the dtype of bf16/fp16 parameters instead of fp32.
+    """
+
+    capabilities = Capabilities(
+        needs_model=True, needs_full_shapes=True, supports_dtensor=False, supports_grad_scaler=False
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        buffer_size: int = 16,
+        p: float = 2.0,
+        buffer_mode: str = "paper",
+        fused: bool = False,
+        *,
+        adamw_lr: float | None = None,
+        state_in_param_dtype: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"IOAdam needs the model itself (an nn.Module) to hook its Linear layers, got {type(model).__name__}; "
+                "call IOAdam(model, ...) instead of IOAdam(model.parameters(), ...)"
+            )
+        check_hparams("IOAdam", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, buffer_size=buffer_size)
+        if int(buffer_size) != buffer_size:
+            raise ValueError(f"IOAdam: invalid buffer_size={buffer_size!r}; it must be an integer >= 1")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1.0 < p < math.inf:
+            raise ValueError(f"IOAdam: invalid p={p!r}; the Hölder exponent must be a number > 1 (q = p/(p-1))")
+        if buffer_mode not in _BUFFER_MODES:
+            raise ValueError(f"IOAdam: invalid buffer_mode={buffer_mode!r}; expected one of {_BUFFER_MODES}")
+        if adamw_lr is not None:
+            check_hparams("IOAdam", lr=adamw_lr)
+        if fused:
+            _check_single_process()
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, buffer_size=int(buffer_size),
+            p=float(p), buffer_mode=buffer_mode, io=False, state_in_param_dtype=state_in_param_dtype,
+        )  # fmt: skip
+        linears, embeddings = io_weights(model)
+        groups = []
+        for g in weight_decay_param_groups(model, weight_decay):
+            io = [(n, w) for n, w in g["params"] if id(w) in linears]
+            rest = [(n, w) for n, w in g["params"] if id(w) not in linears]
+            if io:
+                groups.append({**g, "params": io, "io": True})
+            if rest:
+                groups.append({**g, "params": rest, **({} if adamw_lr is None else {"lr": adamw_lr})})
+        super().__init__(groups, defaults)
+        self._fused = bool(fused)
+        self._reset_transient()
+        params = {id(w): w for g in self.param_groups if g["io"] for w in g["params"]}
+        self._hooks: StatsHooks | None = StatsHooks(self, linears, embeddings, params, self._fused)
+        weakref.finalize(self, self._hooks.remove)
+
+    def _reset_transient(self) -> None:
+        # Per-step, unsaved: staged (out_sum, in_sum) per weight; weights whose M got this step's
+        # fused contribution (and its b1 decay). Group index per IO weight, for the hooks.
+        self._staged: dict[Tensor, list[Tensor]] = {}
+        self._momentum_ready: set[Tensor] = set()
+        self._io_group = {w: i for i, g in enumerate(self.param_groups) if g["io"] for w in g["params"]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict comes through here too (keep the hooks); a deepcopy/unpickle
+        # starts from a bare __dict__: that copy has no hooks on any model, it can hold and load
+        # state but not step.
+        super().__setstate__(state)
+        if "_hooks" not in self.__dict__:
+            self._fused, self._hooks = False, None
+        self._reset_transient()
+
+    # -- the public extras ---------------------------------------------------------------------
+
+    def remove_hooks(self) -> None:
+        """Detach every hook (and restore fused forwards) from the model. The optimizer can no
+        longer step IO-Adam weights afterwards; build a new ``IOAdam(model)`` and load this
+        one's ``state_dict()`` to continue."""
+        if self._hooks is not None:
+            self._hooks.remove()
+
+    def __enter__(self) -> IOAdam:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove_hooks()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients and discard the statistics staged with them (``fused=False``)."""
+        super().zero_grad(set_to_none)
+        if not self._fused:
+            self._staged.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; floating state keeps the dtype it was saved in (torch casts it to the
+        param dtype, which would round fp32 state of bf16 params). Staged statistics are dropped."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [w for g in self.param_groups for w in g["params"]]
+        for pid, w in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[w][key] = value.to(device=w.device, copy=True)
+        self._reset_transient()
+
+    # -- called by the hooks (lowmem.optim._io_stats) ------------------------------------------
+
+    def _owns(self, w: Tensor) -> bool:
+        return w in self._io_group
+
+    def _io_exponents(self, w: Tensor) -> tuple[float, float]:
+        p = self.param_groups[self._io_group[w]]["p"]
+        return p, p / (p - 1.0)
+
+    def _state_dtype(self, w: Tensor) -> torch.dtype:
+        return state_dtype_for(w, self.param_groups[self._io_group[w]]["state_in_param_dtype"])
+
+    def _stage_stats(self, w: Tensor, out_sum: Tensor, in_sum: Tensor) -> None:
+        staged = self._staged.get(w)
+        if staged is None:
+            dtype = self._state_dtype(w)
+            self._staged[w] = [out_sum.to(dtype=dtype, copy=True), in_sum.to(dtype=dtype, copy=True)]
+        else:
+            staged[0].add_(out_sum)
+            staged[1].add_(in_sum)
+
+    def _fused_momentum(self, w: Tensor, x2d: Tensor, dy2d: Tensor) -> None:
+        group = self.param_groups[self._io_group[w]]
+        p, q = self._io_exponents(w)
+        self._stage_stats(w, power_sum(dy2d, q), power_sum(x2d, p))
+        state = self.state[w]
+        if not state:
+            self._init_io_state(w, group)
+        exp_avg, beta1 = state["exp_avg"], group["betas"][0]
+        if w not in self._momentum_ready:  # M = b1 M + (1-b1) G, G arriving in parts
+            exp_avg.mul_(beta1)
+            self._momentum_ready.add(w)
+        exp_avg.addmm_(dy2d.t().to(exp_avg.dtype), x2d.to(exp_avg.dtype), alpha=1.0 - beta1)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _init_io_state(self, w: Tensor, group: dict[str, Any]) -> None:
+        dtype, b = self._state_dtype(w), group["buffer_size"]
+        state = self.state[w]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["slot"] = 0
+        state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
+        state["out_stats"] = torch.zeros(w.shape[0], b, dtype=dtype, device=w.device)
+        state["in_stats"] = torch.zeros(w.shape[1], b, dtype=dtype, device=w.device)
+
+    def _all_reduce_statistics(self) -> None:
+        """Average this step's staged sums over the DDP ranks (one all-reduce per dtype/device)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+            return
+        world = dist.get_world_size()
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for g in self.param_groups:
+            for w in g["params"] if g["io"] else ():
+                buckets.setdefault((self._state_dtype(w), w.device), []).append(w)
+        for (dtype, device), weights in buckets.items():
+            sizes = [n for w in weights for n in w.shape]  # n_out, n_in per weight: R's and C's sums
+            flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+            parts = flat.split(sizes)
+            for i, w in enumerate(weights):
+                for part, staged in zip(parts[2 * i : 2 * i + 2], self._staged.get(w, ())):
+                    part.copy_(staged)
+            dist.all_reduce(flat)  # SUM: gloo has no AVG
+            flat.div_(world)
+            for i, w in enumerate(weights):
+                self._staged[w] = [parts[2 * i], parts[2 * i + 1]]
+
+    def _init_io_group(self, group: dict[str, Any]) -> tuple[list, ...]:
+        lists: tuple[list, ...] = tuple([] for _ in range(10))
+        params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = lists
+        for i, w in enumerate(group["params"]):
+            fused_part = w in self._momentum_ready
+            if w.grad is None and not fused_part:
+                continue
+            check_grad("IOAdam", w)
+            state = self.state[w]
+            if not state:
+                self._init_io_state(w, group)
+            staged = self._staged.get(w)
+            if staged is None and w.grad is not None and not state["in_stats"].any() and w.grad.any():
+                name = group["param_names"][i] if "param_names" in group else f"of shape {tuple(w.shape)}"
+                raise RuntimeError(
+                    f"IOAdam: the Linear weight {name} got a gradient but its module's forward never ran with grad: "
+                    "the weight is used by code that bypasses the module (e.g. F.linear(x, layer.weight)), so IO-Adam "
+                    "has no input/output statistics for it. Call the module itself, or untie/freeze the weight."
+                )
+            params.append(w)
+            grads.append(w.grad)
+            exp_avgs.append(state["exp_avg"])
+            out_stats.append(state["out_stats"])
+            in_stats.append(state["in_stats"])
+            out_sums.append(None if staged is None else staged[0])
+            in_sums.append(None if staged is None else staged[1])
+            steps.append(state["step"])
+            slots.append(state["slot"])
+            ready.append(fused_part)
+        return lists
+
+    def _init_adamw_group(self, group: dict[str, Any]) -> tuple[list, ...]:
+        params, grads, exp_avgs, exp_avg_sqs, steps = lists = tuple([] for _ in range(5))
+        for w in group["params"]:
+            if w.grad is None:
+                continue
+            check_grad("IOAdam", w)
+            state = self.state[w]
+            if not state:
+                dtype = state_dtype_for(w, group["state_in_param_dtype"])
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
+            params.append(w)
+            grads.append(w.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return lists
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One optimizer step; ``closure`` (re-evaluates the model, returns the loss) is optional."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._hooks is None or self._hooks.removed:
+            if any(w.grad is not None for w in self._io_group):
+                raise RuntimeError(
+                    "IOAdam.step(): this optimizer's hooks were removed (remove_hooks(), a context exit, or a copy of "
+                    "the optimizer), so the Linear weights have no statistics. Build a new IOAdam(model) and "
+                    "load_state_dict() this one's state to continue."
+                )
+        elif self._fused:
+            _check_single_process()
+        else:
+            self._all_reduce_statistics()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            if group["io"]:
+                params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = (
+                    self._init_io_group(group)
+                )
+                io_adam(
+                    params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    p=group["p"], buffer_mode=group["buffer_mode"],
+                )  # fmt: skip
+                for w, k in zip(params, slots):  # advance the slot once per processed step
+                    self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
+            else:
+                params, grads, exp_avgs, exp_avg_sqs, steps = self._init_adamw_group(group)
+                _single_tensor_adamw(
+                    params, grads, exp_avgs, exp_avg_sqs, steps,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                )  # fmt: skip
+        self._staged.clear()
+        self._momentum_ready.clear()
+        return loss
+
+
+def _denominator(out_stats: Tensor, in_stats: Tensor, p: float, buffer_mode: str) -> Tensor:
+    """``D`` (n_out x n_in) from R (n_out x b) and C (n_in x b), before bias correction."""
+    q = p / (p - 1.0)
+    if buffer_mode == "paper":  # (sum_k R_k^(2/q) (x) C_k^(2/p))^(1/2)
+        r, c = (out_stats, in_stats) if p == 2.0 else (out_stats.pow(2.0 / q), in_stats.pow(2.0 / p))
+        return (r @ c.t()).sqrt_()
+    return out_stats.pow(1.0 / q) @ in_stats.pow(1.0 / p).t()  # per_slot: sum_k R_k^(1/q) (x) C_k^(1/p)
+
+
+def io_adam(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    exp_avgs: list[Tensor],
+    out_stats: list[Tensor],
+    in_stats: list[Tensor],
+    out_sums: list[Tensor | None],
+    in_sums: list[Tensor | None],
+    state_steps: list[Tensor],
+    slots: list[int],
+    momentum_ready: list[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    p: float,
+    buffer_mode: str,
+) -> None:
+    """Functional IO-Adam step (see the module docstring) on lists of weights and their state.
+
+    ``out_sums``/``in_sums`` are this step's ``sum_tokens |dY|^q`` / ``|X|^p`` (None: none arrived);
+    ``slots`` the current slot ``k`` of each weight (the caller advances it); ``momentum_ready[i]``
+    says the fused backward already applied ``M = b1 M + (1-b1) G`` for this step, in which case
+    ``grads[i]`` (if any, e.g. from a tied embedding) is only added. ``grads[i]`` may be None.
+    """
+    for i, w in enumerate(params):
+        grad, exp_avg, r, c, step_t = grads[i], exp_avgs[i], out_stats[i], in_stats[i], state_steps[i]
+        step_t += 1
+        t = step_t.item()
+        if not momentum_ready[i]:
+            exp_avg.mul_(beta1)
+        if grad is not None:
+            exp_avg.add_(grad.to(exp_avg.dtype), alpha=1.0 - beta1)
+        k = slots[i]
+        if out_sums[i] is not None:
+            r[:, k].add_(out_sums[i], alpha=1.0 - beta2)
+            c[:, k].add_(in_sums[i], alpha=1.0 - beta2)
+        denom = _denominator(r, c, p, buffer_mode).add_(eps)
+        step_size = lr * (1.0 - beta2**t) / (1.0 - beta1**t)
+        w_work = w if w.dtype == exp_avg.dtype else w.to(exp_avg.dtype)
+        w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-step_size)
+        if w_work is not w:
+            w.copy_(w_work)
+        r.mul_(beta2)
+        c.mul_(beta2)
+
+
+def _single_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW (torch.optim.AdamW semantics) for the parameters IO-Adam does not own."""
+    for w, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        step_t += 1
+        t = step_t.item()
+        g = grad.to(exp_avg.dtype)
+        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+        w_work = w if w.dtype == exp_avg.dtype else w.to(exp_avg.dtype)
+        w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**t))
+        if w_work is not w:
+            w.copy_(w_work)

@@ -1,0 +1,142 @@
+"""The compiled fast path (lowmem.optim._fast) and HMAdamW's use of it, held against the for-loop.
+
+Each compile costs ~10-30 s on a 2-core machine, so the default suite compiles once (HMAdamW,
+fp32); the float64 and bf16 variants are marked slow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+import lowmem.optim._fast as fast
+import lowmem.optim.hmadam as hmadam_module
+from lowmem.optim import HMAdam, HMAdamW
+from lowmem.optim._fast import FusedForeach, flat_views
+
+
+def _toy_kernel(p, g, v, *, lr, beta, double):  # element-wise, writes in place like a step
+    g2 = g.to(lr.dtype)
+    v.copy_(beta * v + g2 * g2)
+    p.copy_(p - lr * g2 / (v.sqrt() + 1e-8) * (2 if double else 1))
+    g.copy_(beta * g2)
+
+
+def _toy_lists(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(37, 19), (53,), (1,), (40, 30)]
+    p = [torch.randn(s, generator=gen) for s in shapes]
+    return [p, [torch.randn(s, generator=gen) for s in shapes], [torch.rand(s, generator=gen) for s in shapes]]
+
+
+# ------------------------------------------------------------------------ generic machinery
+def test_flat_views_follow_memory_order():
+    conv = torch.randn(5, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    views = flat_views([conv, torch.zeros_like(conv)])  # zeros_like preserves channels_last
+    assert views is not None and views[0].dim() == 1 and views[0].data_ptr() == conv.data_ptr()
+    assert views[0]._base is None  # detached alias: dynamo must not trace it through its base
+    views[1].add_(1.0)
+    torch.testing.assert_close(views[0], conv.permute(0, 2, 3, 1).reshape(-1))
+    w = torch.randn(4, 6).t()  # transposed: dense, not contiguous
+    assert flat_views([w, w.clone(memory_format=torch.preserve_format)]) is not None
+    assert flat_views([w, w.contiguous()]) is None  # different layouts: no common flat order
+    assert flat_views([torch.randn(8)[::2], torch.randn(4)]) is None
+
+
+def test_eager_fallback_warns_once_chunks_and_matches(monkeypatch):
+    monkeypatch.setattr(fast, "compile_available", lambda: False)
+    monkeypatch.setattr(fast, "EAGER_CHUNK", 7)  # many chunks per tensor
+    runner = FusedForeach(_toy_kernel)
+    lists, expected = _toy_lists(), _toy_lists()
+    with pytest.warns(RuntimeWarning, match="torch.compile is unavailable.*fused=False"):
+        runner(lists, {"lr": 0.1, "beta": 0.9}, {"double": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        runner(lists, {"lr": 0.2, "beta": 0.9}, {"double": True})
+    for lr in (0.1, 0.2):
+        for p, g, v in zip(*expected):
+            _toy_kernel(p, g, v, lr=torch.tensor(lr), beta=torch.tensor(0.9), double=True)
+    for got, want in zip(lists, expected):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hmadam_module, "hmadam", lambda *a, **kw: calls.append(kw["fused"]))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(hmadam_module.FAST_PATH_MIN_NUMEL))
+    for p in (small, large):
+        p.grad = torch.zeros_like(p)
+    HMAdamW([small]).step()
+    HMAdamW([large]).step()
+    HMAdamW([large], fused=False).step()
+    HMAdamW([small], fused=True).step()
+    monkeypatch.setattr(hmadam_module, "compile_available", lambda: False)
+    HMAdamW([large]).step()
+    assert calls == [False, True, False, True, False]
+
+
+# ------------------------------------------------------------------ HMAdamW fast vs loop
+def _pair(dtype, opt_cls, **kwargs):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(37, 19), (53,), (5, 3, 3, 3), (1,), (300, 7), (7,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    init[2] = init[2].contiguous(memory_format=torch.channels_last)
+    runs = []
+    for fused in (True, False):
+        params = [nn.Parameter(x.clone(memory_format=torch.preserve_format)) for x in init]
+        groups = [{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0}]
+        runs.append((params, opt_cls(groups, lr=1e-2, fused=fused, weight_decay=0.1, **kwargs)))
+    return runs
+
+
+def _drive(runs, steps, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in runs[0][0]]
+        for params, opt in runs:
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (1 + t)  # a schedule must not recompile
+            opt.zero_grad()
+            loss = sum((p * g).sum() for p, g in zip(params, grads))
+            loss.backward()
+            opt.step()
+
+
+def _compare(runs, rtol, atol):
+    (fast_params, fast_opt), (loop_params, loop_opt) = runs
+    for a, b in zip(fast_params, loop_params):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+        sa, sb = fast_opt.state[a], loop_opt.state[b]
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=rtol, atol=atol * 1e-2)
+        assert sa["exp_avg_sq"].dtype == sb["exp_avg_sq"].dtype and sa["step"].item() == sb["step"].item()
+        assert a.stride() == b.stride() and sa["exp_avg_sq"].stride() == a.stride()
+
+
+def test_fused_hmadamw_matches_for_loop_fp32():
+    runs = _pair(torch.float32, HMAdamW, max_momentum_norm=5.0)
+    _drive(runs, 2, torch.float32)  # compiles here
+    with torch._dynamo.config.patch(error_on_recompile=True):  # new lr, clip coefficient, step count
+        _drive(runs, 4, torch.float32, seed=2)
+    _compare(runs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fused_hmadam_float64_is_exact():
+    runs = _pair(torch.float64, HMAdam, variance_correction="stationary")
+    _drive(runs, 6, torch.float64)
+    _compare(runs, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_fused_hmadamw_bf16():
+    runs = _pair(torch.bfloat16, HMAdamW)
+    _drive(runs, 6, torch.bfloat16)
+    # The for-loop rounds W to bf16 after the decay and again after the update; the kernel once.
+    _compare(runs, rtol=2e-2, atol=2e-2)
+    assert runs[0][1].state[runs[0][0][0]]["exp_avg_sq"].dtype == torch.float32

@@ -1,0 +1,486 @@
+"""HMAdam / HMAdamW (ALGORITHMS.md §1) against an independent float64 transcription of the spec.
+
+The reference below follows the spec literally: zero_grad() decays B, backward adds the mean
+gradient, step() updates W and v. The optimizer fuses the decay into the end of step(); for the
+loop ``zero_grad(); backward(); step()`` both must give the same trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.optim import HMAdam, HMAdamW, state_bytes
+
+SHAPES = [(37, 19), (53,), (5, 3, 3, 3)]
+
+
+class Reference:
+    """ALGORITHMS.md §1 line by line, float64, one tensor per parameter."""
+
+    def __init__(self, params, *, betas, eps, wd, decoupled, correction, max_norm=None):
+        self.w = [p.detach().clone().double() for p in params]
+        self.v = [torch.zeros_like(w) for w in self.w]
+        self.B = [torch.zeros_like(w) for w in self.w]
+        self.b1, self.b2 = betas
+        self.eps, self.wd, self.decoupled, self.correction, self.max_norm = eps, wd, decoupled, correction, max_norm
+        self.t = 0
+
+    def zero_grad(self):
+        self.B = [self.b1 * B for B in self.B]
+
+    def backward(self, grads):
+        self.B = [B + g for B, g in zip(self.B, grads)]
+
+    def c(self, t):
+        b1 = self.b1
+        return {
+            "noise": (1 + b1) / ((1 - b1) * (1 - b1 ** (2 * t))),
+            "stationary": (1 + b1) / (1 - b1),
+            "none": 1.0,
+        }[self.correction]
+
+    def step(self, lr):
+        self.t += 1
+        t, b1, b2 = self.t, self.b1, self.b2
+        if self.max_norm is not None:
+            norm = math.sqrt(sum(((1 - b1) * B).pow(2).sum().item() for B in self.B))
+            coef = min(1.0, self.max_norm / (norm + 1e-6))
+            self.B = [coef * B for B in self.B]
+        for i in range(len(self.w)):
+            if not self.decoupled:
+                self.B[i] = self.B[i] + self.wd * self.w[i]
+            m = (1 - b1) * self.B[i]
+            self.v[i] = b2 * self.v[i] + (1 - b2) * self.c(t) * m**2
+            if self.decoupled:
+                self.w[i] = self.w[i] * (1 - lr * self.wd)
+            self.w[i] = self.w[i] - lr * (m / (1 - b1**t)) / (torch.sqrt(self.v[i] / (1 - b2**t)) + self.eps)
+
+
+def micro_grads(shape, steps, accumulation, seed, dtype=torch.float64):
+    """Per step, ``accumulation`` micro-batch gradients with a drifting mean (signal + noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    signal = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return [
+        [(0.3 * signal * math.cos(t / 20) + torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+         for _ in range(accumulation)]
+        for t in range(steps)
+    ]  # fmt: skip
+
+
+def backward(params, grads, accumulation):
+    """Accumulate ``grads`` into ``.grad`` exactly as autograd does, with a mean-reduced loss."""
+    loss = sum((p * g.to(p.dtype)).sum() for p, g in zip(params, grads)) / accumulation
+    loss.backward()
+
+
+def assert_rel(actual, expected, tol):
+    actual, expected = actual.detach().double(), expected.double()
+    err = (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
+    assert err < tol, f"relative error {err:.3e} >= {tol:g}"
+
+
+def make_params(dtype=torch.float64, seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in shapes]
+
+
+def run(opt_cls, params, grads_per_param, accumulation, lrs, reference=None, **kwargs):
+    opt = opt_cls(params, lr=lrs[0], **kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lrs[min(t, len(lrs) - 1)] / lrs[0])
+    for t in range(len(lrs)):
+        opt.zero_grad()
+        if reference is not None:
+            reference.zero_grad()
+        for k in range(accumulation):
+            backward(params, [g[t][k] for g in grads_per_param], accumulation)
+        if reference is not None:
+            reference.backward([sum(g[t]) / accumulation for g in grads_per_param])
+            reference.step(lrs[t])
+        assert opt.param_groups[0]["lr"] == pytest.approx(lrs[t])
+        opt.step()
+        scheduler.step()
+    return opt
+
+
+# ------------------------------------------------------------------------ 1. exact maths
+@pytest.mark.parametrize(
+    "opt_cls,correction,accumulation",
+    [
+        (HMAdamW, "noise", 1),
+        (HMAdamW, "noise", 2),
+        (HMAdamW, "noise", 4),
+        (HMAdam, "noise", 2),
+        (HMAdamW, "stationary", 1),
+        (HMAdamW, "none", 1),
+    ],
+)
+def test_matches_float64_reference(opt_cls, correction, accumulation):
+    steps, betas, eps, wd = 120, (0.9, 0.999), 1e-8, 0.05
+    params = make_params()
+    grads = [micro_grads(p.shape, steps, accumulation, seed=i) for i, p in enumerate(params)]
+    lrs = [1e-2 * (1 - t / (2 * steps)) for t in range(steps + 1)]  # a schedule: lr is read every step
+    ref = Reference(params, betas=betas, eps=eps, wd=wd, decoupled=opt_cls is HMAdamW, correction=correction)
+    opt = run(opt_cls, params, grads, accumulation, lrs[:steps], ref, betas=betas, eps=eps, weight_decay=wd,
+              variance_correction=correction, fused=False)  # fmt: skip
+    opt.zero_grad()
+    ref.zero_grad()
+    for i, p in enumerate(params):
+        assert_rel(p, ref.w[i], 1e-6)
+        assert_rel(opt.state[p]["exp_avg_sq"], ref.v[i], 1e-6)
+        assert_rel(p.grad, ref.B[i], 1e-6)  # the momentum, after the decay for the next step
+        assert opt.state[p]["step"].item() == steps
+    # Negative control: the reference is sensitive to the variance correction at this tolerance.
+    other = Reference(params, betas=betas, eps=eps, wd=wd, decoupled=True, correction="none" if correction != "none" else "noise")
+    assert (other.c(3) - ref.c(3)) != 0
+
+
+def test_coupled_l2_enters_the_history():
+    """HMAdam: the L2 term is part of B, so it decays into the next step's momentum."""
+    p = nn.Parameter(torch.full((3,), 2.0, dtype=torch.float64))
+    opt = HMAdam([p], lr=0.1, betas=(0.5, 0.9), weight_decay=0.25, fused=False)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    # B = 0 + 0.25 * 2 = 0.5 entered the history; after the step the buffer holds b1 * B.
+    torch.testing.assert_close(p.grad, torch.full((3,), 0.25, dtype=torch.float64))
+    q = nn.Parameter(torch.full((3,), 2.0, dtype=torch.float64))
+    optw = HMAdamW([q], lr=0.1, betas=(0.5, 0.9), weight_decay=0.25, fused=False)
+    q.grad = torch.zeros_like(q)
+    optw.step()
+    torch.testing.assert_close(q.grad, torch.zeros(3, dtype=torch.float64))  # decoupled: B untouched
+    torch.testing.assert_close(q.detach(), torch.full((3,), 2.0 * (1 - 0.1 * 0.25), dtype=torch.float64))
+
+
+# ---------------------------------------------------------- 2. zero_grad decays, never frees
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_decays_in_place(set_to_none):
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = HMAdamW([p], betas=(0.8, 0.99), fused=False)
+    (p * torch.arange(12.0).view(4, 3)).sum().backward()
+    buf, before = p.grad, p.grad.clone()
+    opt.zero_grad(set_to_none=set_to_none)
+    assert p.grad is buf and p.grad.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(p.grad, 0.8 * before)
+    opt.zero_grad(set_to_none=set_to_none)  # a second call before step() does not decay again
+    torch.testing.assert_close(p.grad, 0.8 * before)
+
+
+def test_decay_happens_once_per_step_at_the_end_of_step():
+    p = nn.Parameter(torch.randn(5))
+    opt = HMAdamW([p], betas=(0.9, 0.99), fused=False)
+    for _ in range(3):
+        opt.zero_grad()
+        p.sum().backward()
+        opt.step()
+    buf = p.grad.clone()
+    opt.zero_grad()  # step() already applied this decay: nothing left to do
+    torch.testing.assert_close(p.grad, buf)
+    p.sum().backward()
+    before_step = p.grad.clone()
+    opt.step()
+    torch.testing.assert_close(p.grad, 0.9 * before_step)
+
+
+def test_reset_momentum_zeroes_in_place():
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    opt = HMAdamW([a, b], fused=False)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    ptr = a.grad.data_ptr()
+    opt.reset_momentum([a])
+    assert a.grad.data_ptr() == ptr and torch.count_nonzero(a.grad) == 0
+    assert torch.count_nonzero(b.grad) == 2
+    opt.reset_momentum()
+    assert torch.count_nonzero(b.grad) == 0
+    opt.step()  # the guard accepts an explicit reset
+
+
+# -------------------------------------------------------------------------------- 3. guard
+def _trained(n=2, **kwargs):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = HMAdamW(model.parameters(), fused=False, **kwargs)
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+def test_guard_model_zero_grad_set_to_none():
+    model, opt = _trained()
+    before = [p.detach().clone() for p in model.parameters()]
+    model.zero_grad()  # a training loop's habit: frees every buffer
+    opt.zero_grad()  # calling ours afterwards must not hide it
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match=r"parameter 0 \(group 0, shape \(3, 4\)\).*replaced") as info:
+        opt.step()
+    msg = str(info.value)
+    assert "model.zero_grad()" in msg and "optimizer.zero_grad()" in msg and "Lightning" in msg
+    for p, q in zip(model.parameters(), before):  # nothing was touched
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+
+
+def test_guard_freed_buffer():
+    model, opt = _trained()
+    last = list(model.parameters())[-1]
+    last.grad = None
+    with pytest.raises(RuntimeError, match=r"parameter 3 \(group 0, shape \(2,\)\) was freed"):
+        opt.step()
+
+
+def test_guard_replaced_buffer_and_accept():
+    model, opt = _trained()
+    p = next(model.parameters())
+    p.grad = p.grad.clone()  # same values, new storage
+    with pytest.raises(RuntimeError, match="replaced"):
+        opt.step()
+    opt.accept_grad_buffers()  # an integration that moved buffers without changing them
+    opt.step()
+
+
+def test_params_without_gradient():
+    used, never, unused = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    opt = HMAdamW([used, never, unused], lr=0.1, fused=False)
+    (used.sum() + unused.sum()).backward()
+    opt.step()
+    assert never.grad is None and len(opt.state[never]) == 0  # never had momentum: skipped like Adam
+    before, buf = unused.detach().clone(), unused.grad.clone()
+    opt.zero_grad()
+    used.sum().backward()  # `unused` gets no new gradient this step
+    opt.step()
+    assert not torch.equal(unused.detach(), before)  # it still steps with its decayed momentum ...
+    torch.testing.assert_close(unused.grad, 0.9 * buf)  # ... and its buffer still decays
+    assert opt.state[unused]["step"].item() == 2
+
+
+# ---------------------------------------------------------------------- 4. state and resume
+def _resume_run(tmp_path, dtype, opt_kwargs):
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 6, dtype=dtype), torch.randn(16, 2, dtype=dtype)) for _ in range(60)]
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+        return model, HMAdamW(model.parameters(), lr=1e-2, **opt_kwargs)
+
+    def train(model, opt, batches):
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            for half in (slice(0, 8), slice(8, 16)):  # accumulation 2
+                ((model(x[half]) - y[half]).pow(2).mean() / 2).backward()
+            opt.step()
+
+    model_a, opt_a = make()
+    train(model_a, opt_a, data)
+    model_b, opt_b = make()
+    train(model_b, opt_b, data[:30])
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, path)
+    assert all("momentum_buffer" not in s for s in opt_b.state.values())  # live state not polluted
+    model_c, opt_c = make()
+    ckpt = torch.load(path, weights_only=True)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    train(model_c, opt_c, data[30:])
+    for pa, pc in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc)
+        assert torch.equal(pa.grad, pc.grad)
+        assert torch.equal(opt_a.state[pa]["exp_avg_sq"], opt_c.state[pc]["exp_avg_sq"])
+        assert opt_c.state[pc]["exp_avg_sq"].dtype == opt_a.state[pa]["exp_avg_sq"].dtype
+        assert opt_c.state[pc]["step"].dtype == torch.float32 and opt_c.state[pc]["step"].device.type == "cpu"
+    return opt_c
+
+
+def test_resume_bit_for_bit(tmp_path):
+    _resume_run(tmp_path, torch.float32, {"fused": False})
+
+
+def test_resume_bf16_keeps_fp32_state(tmp_path):
+    opt = _resume_run(tmp_path, torch.bfloat16, {"fused": False})
+    p = opt.param_groups[0]["params"][0]
+    assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_load_copies_into_existing_buffer_and_restores_pending_decay():
+    p = nn.Parameter(torch.randn(4))
+    opt = HMAdamW([p], betas=(0.5, 0.99), fused=False)
+    p.sum().backward()  # a buffer exists, no step yet: zero_grad() still owes the decay
+    sd = opt.state_dict()
+    q = nn.Parameter(p.detach().clone())
+    q.grad = torch.full((4,), 7.0)
+    existing = q.grad
+    opt2 = HMAdamW([q], betas=(0.5, 0.99), fused=False)
+    opt2.load_state_dict(sd)
+    assert q.grad is existing and torch.equal(q.grad, torch.ones(4))
+    opt2.zero_grad()
+    torch.testing.assert_close(q.grad, torch.full((4,), 0.5))
+
+
+def test_deepcopy_repr_and_memory():
+    model, opt = _trained()
+    clone = copy.deepcopy(opt)  # new params carrying copies of the buffers, v and step
+    params, clone_params = list(model.parameters()), clone.param_groups[0]["params"]
+    for p, c in zip(params, clone_params):
+        assert c is not p and c.grad is not None and torch.equal(c.grad, p.grad)
+        assert c.grad.data_ptr() != p.grad.data_ptr()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):  # the copy trains exactly like the original, and independently of it
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for o, ps in ((opt, params), (clone, clone_params)):
+            o.zero_grad()
+            backward(ps, grads, 1)
+            o.step()
+    for p, c in zip(params, clone_params):
+        assert torch.equal(p, c) and torch.equal(p.grad, c.grad)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], clone.state[c]["exp_avg_sq"])
+    assert "HMAdamW" in repr(opt) and "variance_correction: noise" in repr(opt)
+    mem = state_bytes(opt)
+    n = sum(p.numel() for p in params)
+    assert mem["state"] == 4 * n + 4 * len(params)  # v (fp32) + 0-d fp32 step counters
+    assert mem["grad_buffers"] == 4 * n
+
+
+# -------------------------------------------------------------------------- 6. hooks
+def test_scale_momentum_and_momentum_norm():
+    a, b = nn.Parameter(torch.randn(5, dtype=torch.float64)), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = HMAdamW([{"params": [a]}, {"params": [b], "betas": (0.5, 0.999)}], fused=False)
+    (a.sum() * 3 + (b * torch.arange(3.0, dtype=torch.float64)).sum()).backward()
+    expected = math.sqrt((0.1 * a.grad).pow(2).sum().item() + (0.5 * b.grad).pow(2).sum().item())
+    assert opt.momentum_norm().item() == pytest.approx(expected, rel=1e-12)
+    ga, gb = a.grad.clone(), b.grad.clone()
+    opt.scale_momentum_(4.0)
+    torch.testing.assert_close(a.grad, 4 * ga)
+    torch.testing.assert_close(b.grad, 4 * gb)
+    assert opt.momentum_norm().item() == pytest.approx(4 * expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("opt_cls", [HMAdamW, HMAdam])
+def test_max_momentum_norm_clips_the_history(opt_cls):
+    steps, betas, wd, max_norm = 100, (0.9, 0.999), 0.05, 8.0  # ||m|| runs between 3 and 11 here
+    params = make_params(seed=3)
+    grads = [micro_grads(p.shape, steps, 1, seed=10 + i) for i, p in enumerate(params)]
+    lrs = [1e-2] * steps
+    ref = Reference(params, betas=betas, eps=1e-8, wd=wd, decoupled=opt_cls is HMAdamW, correction="noise",
+                    max_norm=max_norm)  # fmt: skip
+    clipped = 0
+    opt = opt_cls(params, lr=1e-2, betas=betas, weight_decay=wd, max_momentum_norm=max_norm, fused=False)
+    for t in range(steps):
+        opt.zero_grad()
+        ref.zero_grad()
+        backward(params, [g[t][0] for g in grads], 1)
+        ref.backward([g[t][0] for g in grads])
+        clipped += opt.momentum_norm().item() > max_norm
+        ref.step(lrs[t])
+        opt.step()
+    assert 10 < clipped < steps - 10  # the threshold both fires and does not
+    opt.zero_grad()
+    ref.zero_grad()
+    for i, p in enumerate(params):
+        assert_rel(p, ref.w[i], 1e-6)
+        assert_rel(p.grad, ref.B[i], 1e-6)
+
+
+# -------------------------------------------------------------------------------- 7. bf16
+@pytest.mark.parametrize("state_in_param_dtype", [False, True])
+def test_bf16_params(state_in_param_dtype):
+    steps = 30
+    params = [nn.Parameter((0.1 * p.detach()).to(torch.bfloat16)) for p in make_params(seed=7)]
+    start = [p.detach().double() for p in params]
+    grads = [micro_grads(p.shape, steps, 1, seed=20 + i, dtype=torch.bfloat16) for i, p in enumerate(params)]
+    ref = Reference(params, betas=(0.9, 0.999), eps=1e-8, wd=0.01, decoupled=True, correction="noise")
+    opt = run(HMAdamW, params, grads, 1, [1e-2] * steps, ref, state_in_param_dtype=state_in_param_dtype,
+              fused=False)  # fmt: skip
+    for i, p in enumerate(params):
+        state = opt.state[p]
+        assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
+        assert state["exp_avg_sq"].dtype == (torch.bfloat16 if state_in_param_dtype else torch.float32)
+        assert state["step"].dtype == torch.float32
+        moved, moved_ref = p.detach().double() - start[i], ref.w[i] - start[i]
+        assert (moved - moved_ref).norm() / moved_ref.norm() < 0.05  # bf16 rounding of W and B each step
+        assert_rel(state["exp_avg_sq"], ref.v[i], 0.05)
+
+
+# -------------------------------------------------------------------------- 8. validation
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"lr": -1e-3}, "lr=-0.001"),
+        ({"betas": (1.0, 0.999)}, "beta1=1.0"),
+        ({"betas": (0.9, -0.1)}, "beta2=-0.1"),
+        ({"eps": -1.0}, "eps=-1.0"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+        ({"variance_correction": "signal"}, "variance_correction='signal'"),
+        ({"max_momentum_norm": 0.0}, "max_momentum_norm=0.0"),
+        ({"fused": "yes"}, "fused='yes'"),
+    ],
+)
+@pytest.mark.parametrize("opt_cls", [HMAdam, HMAdamW])
+def test_invalid_hyperparameters(opt_cls, kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        opt_cls([nn.Parameter(torch.randn(2))], **kwargs)
+
+
+def test_sparse_gradients_rejected():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = HMAdamW(emb.parameters(), fused=False)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients.*sparse=False"):
+        opt.step()
+
+
+def test_defaults_and_capabilities():
+    p = [nn.Parameter(torch.randn(2))]
+    assert HMAdamW(p).defaults["weight_decay"] == 1e-2 and HMAdam(p).defaults["weight_decay"] == 0.0
+    assert HMAdamW(p).defaults["betas"] == (0.9, 0.999) and HMAdamW(p).defaults["lr"] == 1e-3
+    caps = HMAdamW.capabilities
+    assert caps.folds_momentum_into_grad and not caps.supports_grad_scaler and caps.supports_dtensor
+
+
+# ----------------------------------------------------------------------- DTensor (FSDP2)
+@pytest.fixture
+def one_rank_mesh():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import lowmem.optim._fast as fast
+    import lowmem.optim.hmadam as hmadam_module
+
+    if fused:  # the fast path's handling of shards, without paying for a compile here
+        monkeypatch.setattr(fast, "compile_available", lambda: False)
+        monkeypatch.setattr(hmadam_module, "_HMADAM_FAST", fast.FusedForeach(hmadam_module._hmadam_kernel))
+    init = [torch.randn(6, 4), torch.randn(5)]
+    plain = [nn.Parameter(x.clone()) for x in init]
+    sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
+    opt_plain = HMAdamW(plain, lr=0.1, max_momentum_norm=0.5, fused=False)
+    opt_sharded = HMAdamW(sharded, lr=0.1, max_momentum_norm=0.5, fused=fused)
+    for step in range(3):
+        grads = [torch.randn_like(x) for x in init]
+        for opt, params, wrap in ((opt_plain, plain, False), (opt_sharded, sharded, True)):
+            if fused and wrap and step == 0:
+                with pytest.warns(RuntimeWarning, match="Falling back to the eager kernel"):
+                    opt.step()  # a no-op step: no buffers yet
+                continue
+            opt.zero_grad()
+            gs = [distribute_tensor(g, one_rank_mesh, [Shard(0)]) if wrap else g for g in grads]
+            sum((p * g).sum() for p, g in zip(params, gs)).backward()
+            opt.step()
+    assert opt_sharded.momentum_norm().item() == pytest.approx(opt_plain.momentum_norm().item(), rel=1e-6)
+    for a, b in zip(plain, sharded):
+        torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=1e-6, atol=1e-7)
