@@ -25,7 +25,10 @@ from torch.optim import Optimizer
 
 from lowmem.strategies import CallableStrategy, FoldedMomentumPrecision, OptimizerStrategy, folds_momentum
 
-__all__ = ["LowMemModule", "ConfigError", "default_optimizer"]
+__all__ = ["LowMemModule", "ConfigError", "OptimizerArg", "default_optimizer"]
+
+# What a module's ``optimizer`` argument accepts: a lowmem strategy or any optimizer callable.
+OptimizerArg = OptimizerStrategy | OptimizerCallable
 
 
 class ConfigError(ValueError):
@@ -57,7 +60,7 @@ class LowMemModule(pl.LightningModule):
 
     def __init__(
         self,
-        optimizer: OptimizerStrategy | OptimizerCallable = default_optimizer,
+        optimizer: OptimizerArg = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         monitor: str = "val/loss",
     ) -> None:

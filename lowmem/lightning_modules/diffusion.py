@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable
 
-from lowmem.lightning_modules.base import LowMemModule, default_optimizer
+from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
 from lowmem.lightning_modules.unet import UNet
 
 __all__ = ["DiffusionModel", "image_grid"]
@@ -65,7 +65,7 @@ class DiffusionModel(LowMemModule):
         seed: int = 0,
         sample_every_n_epochs: int = 1,
         n_samples: int = 16,
-        optimizer: OptimizerCallable = default_optimizer,
+        optimizer: OptimizerArg = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         monitor: str = "val/loss",
     ) -> None:

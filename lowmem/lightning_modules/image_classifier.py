@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
 
-from lowmem.lightning_modules.base import LowMemModule, default_optimizer
+from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
 
 __all__ = ["ImageClassifier", "ResNet", "BasicBlock"]
 
@@ -79,7 +79,7 @@ class ImageClassifier(LowMemModule):
         num_classes: int = 10,
         widths: list[int] = (32, 64),  # type: ignore[assignment]
         blocks_per_stage: int = 1,
-        optimizer: OptimizerCallable = default_optimizer,
+        optimizer: OptimizerArg = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         monitor: str = "val/loss",
     ) -> None:

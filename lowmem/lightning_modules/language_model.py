@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable
 
-from lowmem.lightning_modules.base import LowMemModule, default_optimizer
+from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
 from lowmem.lightning_modules.gpt import GPT, GPTConfig
 
 __all__ = ["LanguageModel"]
@@ -40,7 +40,7 @@ class LanguageModel(LowMemModule):
         dropout: float = 0.0,
         fused_qkv: bool = True,
         tie_weights: bool = True,
-        optimizer: OptimizerCallable = default_optimizer,
+        optimizer: OptimizerArg = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         monitor: str = "val/loss",
     ) -> None:
@@ -52,6 +52,10 @@ class LanguageModel(LowMemModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)
+
+    def attention_shape(self) -> tuple[int, int]:
+        """(heads, width): what head-wise optimizer blocks (Adam-mini, AdaPM-mini) need."""
+        return self.config.n_head, self.config.n_embd
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
