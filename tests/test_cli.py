@@ -114,3 +114,26 @@ def test_memory_subcommand_prints_the_state_table(capsys):
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| AdamW")}
     assert set(rows) == {"AdamW (baseline)", "AdamW"}
     assert rows["AdamW"].rstrip().endswith("100.0% |")
+
+
+def test_compare_writes_figure_and_table(tmp_path, capsys):
+    configs = [str(ROOT / "configs" / f"cnn_{name}.yaml") for name in ("adamw", "hmadamw")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", *configs, "--max_steps", "3", "--out", str(tmp_path / "cmp"), "--",
+              "--model.init_args.widths=[8]", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
+              "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"])  # fmt: skip
+    assert exit_info.value.code == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table[2:]}
+    assert set(rows) == {"cnn_adamw", "cnn_hmadamw"}
+    state = {name: float(cells[4]) for name, cells in rows.items()}
+    buffers = {name: float(cells[5]) for name, cells in rows.items()}
+    assert state["cnn_hmadamw"] == pytest.approx(state["cnn_adamw"] / 2, rel=0.01)  # v only vs m and v
+    assert buffers["cnn_hmadamw"] == pytest.approx(state["cnn_hmadamw"], rel=0.01) and buffers["cnn_adamw"] == 0
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+
+
+def test_compare_rejects_missing_configs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "nope.yaml"])
+    assert exit_info.value.code == 2 and "not found: nope.yaml" in capsys.readouterr().err

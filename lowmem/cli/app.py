@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
+from lowmem.cli.compare import compare_main
 from lowmem.cli.memory import format_memory_table, memory_report
 from lowmem.lightning_modules.base import ConfigError, LowMemModule
 from lowmem.lightning_modules.callbacks import MemoryMonitor
@@ -130,7 +131,13 @@ class LowMemCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lowmem`` console script; ``main(["fit", "--config", path])`` from Python."""
+    """Entry point of the ``lowmem`` console script; ``main(["fit", "--config", path])`` from Python.
+
+    ``lowmem compare ...`` is dispatched to :mod:`lowmem.cli.compare` (it runs several fits).
+    """
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+    if argv[:1] == ["compare"]:
+        raise SystemExit(compare_main(argv[1:]))
     try:
         LowMemCLI(args=args)
     except ConfigError as err:
