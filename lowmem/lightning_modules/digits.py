@@ -2,7 +2,9 @@
 
 Pixel values 0..16 are scaled to [-1, 1] (the range a diffusion model expects as well); the split
 into train/val/test is a fixed permutation drawn from ``split_seed``, so it is the same on every
-machine and every rank.
+machine and every rank. The training order comes from ``ResumableSampler``: a function of
+(``seed``, epoch) and the fit loop's position, so resumed runs and runs with in-fit validation
+see the same batches as an uninterrupted run, and DDP ranks shard it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from lowmem.lightning_modules.sampling import ResumableSampler
 
 __all__ = ["DigitsDataModule", "load_digits_tensors"]
 
@@ -32,6 +36,7 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: fraction held out for testing.
         split_seed: seed of the fixed train/val/test permutation.
         num_workers: DataLoader worker processes (0 = load in the main process; the data is tiny).
+        seed: seed of the training order (epoch ``e`` is shuffled with ``seed + e``).
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -64,24 +70,20 @@ class DigitsDataModule(pl.LightningDataModule):
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
         self.splits = {name: TensorDataset(images[idx], labels[idx]) for name, idx in parts.items()}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            drop_last=shuffle,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        data = self.splits[split]
+        sampler = ResumableSampler(data, self.batch_size, seed=self.hparams.seed, trainer=self.trainer) if train else None
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=train, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

@@ -3,7 +3,8 @@
 The corpus is the concatenation of the top-level ``*.py`` files of the running interpreter's
 standard library, in sorted order, cut at ``max_bytes``; tokens are bytes (vocabulary 256), so
 nothing is downloaded or built. The last ``val_fraction`` of the bytes is the validation split
-(and the test split), cut into non-overlapping windows of ``block_size + 1`` tokens.
+(and the test split), cut into non-overlapping windows of ``block_size + 1`` tokens. The training
+order comes from ``ResumableSampler`` (exact resume, DDP sharding; see ``sampling``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from lowmem.lightning_modules.sampling import ResumableSampler
 
 __all__ = ["StdlibTextDataModule", "TokenWindows", "stdlib_corpus"]
 
@@ -58,13 +61,14 @@ class StdlibTextDataModule(pl.LightningDataModule):
         max_bytes: corpus size in bytes (default 1 MB: ~7,000 windows of 128 tokens).
         val_fraction: fraction of the corpus (its end) held out for validation and test.
         num_workers: DataLoader worker processes.
+        seed: seed of the training order (epoch ``e`` is shuffled with ``seed + e``).
     """
 
     vocab_size = 256
 
     def __init__(
         self, block_size: int = 128, batch_size: int = 32, max_bytes: int = 1_000_000, val_fraction: float = 0.1,
-        num_workers: int = 0,
+        num_workers: int = 0, seed: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         if block_size < 2 or batch_size < 1 or max_bytes < 10_000 or not 0 < val_fraction < 1:
@@ -83,15 +87,17 @@ class StdlibTextDataModule(pl.LightningDataModule):
         cut = int(len(tokens) * (1 - self.hparams.val_fraction))
         self.splits = {"train": TokenWindows(tokens[:cut], self.block_size), "val": TokenWindows(tokens[cut:], self.block_size)}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        data = self.splits[split]
+        sampler = ResumableSampler(data, self.batch_size, seed=self.hparams.seed, trainer=self.trainer) if train else None
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=train,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")

@@ -105,9 +105,11 @@ class HMAdam(LowMemOptimizer):
         weight_decay: coupled L2 for HMAdam, decoupled (times lr) for HMAdamW.
         variance_correction: ``"noise"`` (default), ``"stationary"`` or ``"none"``; see
             :func:`variance_scale`.
-        fused: ``True`` runs the step as one ``torch.compile``'d kernel (``lowmem.optim._fast``;
-            the first step compiles for ~10 s), ``False`` the plain for-loop, ``None`` picks the
-            compiled one when the optimizer holds at least 2**20 elements and compile is available.
+        fused: ``True`` runs the step as one ``torch.compile``'d kernel (``lowmem.optim._fast``:
+            no parameter-sized temporaries; the first step compiles, 5-30 s on 2 CPU cores),
+            ``False`` the plain for-loop (two temporaries the size of the largest parameter),
+            ``None`` picks the compiled one when the optimizer holds at least 2**20 elements and
+            ``torch.compile`` is available.
         state_in_param_dtype: keep ``v`` in the parameter's dtype instead of fp32.
         max_momentum_norm: clip threshold on the global norm of ``m = (1-b1) B``; None disables.
     """
@@ -465,7 +467,7 @@ def _single_tensor_hmadam(
             param.mul_(1 - lr * weight_decay)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
         param.addcdiv_(m, denom, value=-lr / bias_correction1)
         b.mul_(beta1)  # the decay for the next step (zero_grad() then has nothing left to do)
         if b is not buf:
@@ -478,32 +480,29 @@ def _hmadam_kernel(
     exp_avg_sq: Tensor,
     *,
     clip_coef: Tensor,
-    weight_decay: Tensor,
+    l2: Tensor,
     one_minus_beta1: Tensor,
     beta2: Tensor,
     v_scale: Tensor,
     param_decay: Tensor,
     step_size: Tensor,
-    bias_correction2_sqrt: Tensor,
+    inv_bias_correction2_sqrt: Tensor,
     eps: Tensor,
     beta1: Tensor,
-    decoupled: bool,
 ) -> None:
     """The same step for one tensor, written for Inductor: reads W, B, v once, writes each once.
 
-    Scalar combinations (``1 - b1``, ``(1 - b2) c_t``, ``1 - lr wd``, ``lr / (1 - b1^t)``) come
-    precomputed in float64 on the host: ``1 - 0.999`` in float32 is off by 5e-5 relative.
+    HMAdam and HMAdamW share it (one compile): coupled L2 is ``l2 = wd`` (0 for HMAdamW), the
+    decoupled decay ``param_decay = 1 - lr wd`` (1 for HMAdam). Scalar combinations come
+    precomputed in float64 on the host (``1 - 0.999`` in float32 is off by 5e-5 relative), and
+    divisions are replaced by multiplications where the divisor is a scalar.
     """
     compute = step_size.dtype  # fp32, or fp64 for fp64 tensors (the _fast scalar contract)
-    b = buf.to(compute) * clip_coef
     w = param.to(compute)
-    if not decoupled:
-        b = b + weight_decay * w
+    b = buf.to(compute) * clip_coef + l2 * w
     m = one_minus_beta1 * b
     v = beta2 * exp_avg_sq.to(compute) + v_scale * m * m
-    if decoupled:
-        w = w * param_decay
-    w = w - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps)
+    w = w * param_decay - step_size * m / (v.sqrt() * inv_bias_correction2_sqrt + eps)
     exp_avg_sq.copy_(v)
     param.copy_(w)
     buf.copy_(beta1 * b)
@@ -525,15 +524,14 @@ def _fused_hmadam(
             [[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]],
             scalars={
                 "clip_coef": 1.0 if clip_coef is None else clip_coef,
-                "weight_decay": weight_decay,
+                "l2": 0.0 if decoupled else weight_decay,
                 "one_minus_beta1": 1 - beta1,
                 "beta2": beta2,
                 "v_scale": (1 - beta2) * variance_scale(variance_correction, beta1, step),
-                "param_decay": 1 - lr * weight_decay,
+                "param_decay": 1 - lr * weight_decay if decoupled else 1.0,
                 "step_size": lr / (1 - beta1**step),
-                "bias_correction2_sqrt": math.sqrt(1 - beta2**step),
+                "inv_bias_correction2_sqrt": 1 / math.sqrt(1 - beta2**step),
                 "eps": eps,
                 "beta1": beta1,
             },
-            static={"decoupled": decoupled},
         )

@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import math
+import warnings
+
 import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
-from lowmem.optim.adams import _restore_saved_state_dtypes
+from lowmem.optim._fast import EAGER_CHUNK, FusedForeach, _no_duck_sizing, compile_available
+from lowmem.optim.adams import _restore_saved_state_dtypes, use_fast_path
 
 __all__ = ["SlimAdamW", "slimadamw"]
 
@@ -104,6 +108,8 @@ class SlimAdamW(LowMemOptimizer):
         state_in_param_dtype: bool = False,
     ) -> None:
         check_hparams("SlimAdamW", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if fused not in (None, True, False):
+            raise ValueError(f"SlimAdamW: invalid fused={fused!r}; expected True, False or None (automatic)")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -165,6 +171,7 @@ class SlimAdamW(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -185,7 +192,7 @@ class SlimAdamW(LowMemOptimizer):
                 beta2=float(beta2),
                 eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]),
-                fused=group["fused"],
+                fused=use_fast_path(group["fused"], total_numel),
             )
         return loss
 
@@ -208,10 +215,15 @@ def slimadamw(
     beta2: float,
     eps: float,
     weight_decay: float,
-    fused: bool | None = None,
+    fused: bool = False,
 ) -> None:
-    """Functional SlimAdamW step over lists of tensors (see :class:`SlimAdamW` for the maths)."""
-    _single_tensor_slimadamw(
+    """Functional SlimAdamW step over lists of tensors (see :class:`SlimAdamW` for the maths).
+
+    Increments each ``state_steps`` entry and updates ``params``, ``exp_avgs`` and ``exp_avg_sqs``
+    in place; ``fused=True`` runs the compiled path, ``False`` the for-loop reference.
+    """
+    impl = _fused_slimadamw if fused else _single_tensor_slimadamw
+    impl(
         params, grads, exp_avgs, exp_avg_sqs, state_steps,
         compress_dims=compress_dims, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
     )  # fmt: skip
@@ -223,6 +235,20 @@ def _single_tensor_slimadamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
+    **hparams: Any,
+) -> None:
+    """The readable reference: one tensor at a time."""
+    for p, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        step_t += 1
+        _slimadamw_one(p, grad, m, v, step_t.item(), **hparams)
+
+
+def _slimadamw_one(
+    p: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: float,
     *,
     compress_dims: tuple[int, ...] | None,
     lr: float,
@@ -231,26 +257,189 @@ def _single_tensor_slimadamw(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """The readable reference: one tensor at a time, the maths in the state dtype."""
-    for p, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    """One parameter's step ``step`` (already counted), the maths in the state dtype."""
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+    w = p if p.dtype == m.dtype else p.to(m.dtype)  # fp32 maths for low-precision params
+    g = grad.to(m.dtype)
+    if p.dim() >= 2:
+        w.mul_(1.0 - lr * weight_decay)
+    m.lerp_(g, 1.0 - beta1)
+    if compress_dims is None:
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    else:
+        # contiguous(): the sum order of a reduction follows the memory layout; this makes a
+        # transposed or channels-last parameter give exactly the result of a contiguous one.
+        g2_mean = (g * g).contiguous().mean(dim=compress_dims, keepdim=True)
+        v.mul_(beta2).add_(g2_mean, alpha=1.0 - beta2)
+    # sqrt(v)/sqrt(bc2) as torch.optim.AdamW writes it, so compress_dims=None matches it closely.
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    w.addcdiv_(m, denom, value=-lr / bc1)
+    if w is not p:
+        p.copy_(w)
+
+
+# ------------------------------------------------------------------------------ fast path
+#
+# Uncompressed tensors are element-wise: one fused kernel through lowmem.optim._fast. Compressed
+# ones need mean_K(g^2) before any element is updated, i.e. two passes over g. Seen as an (R, C)
+# matrix reduced over C ("rows") or over R ("cols"), the reduction runs in ATen with bounded
+# temporaries (4 B/param read), and one compiled kernel per tensor does the rest in a single pass
+# (reads W, g, m, writes W, m: 20 B/param) with the per-row/column scale broadcast. FusedForeach
+# cannot take that kernel: it requires every tensor of an index to have the same shape.
+
+
+def _adamw_kernel(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    param_decay: Tensor,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    one_minus_beta2: Tensor,
+    step_size: Tensor,
+    bias_correction2_sqrt: Tensor,
+    eps: Tensor,
+) -> None:
+    """compress_dims=None for one tensor, for Inductor (scalars precomputed in float64 on the host)."""
+    compute = step_size.dtype
+    g = grad.to(compute)
+    m = exp_avg.to(compute)
+    m = m + one_minus_beta1 * (g - m)
+    v = beta2 * exp_avg_sq.to(compute) + one_minus_beta2 * g * g
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    param.copy_(param.to(compute) * param_decay - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
+
+
+_SLIM_FULL_FAST = FusedForeach(_adamw_kernel, name="slimadamw_full")
+
+
+def _broadcast_kernel(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, scale: Tensor, one_minus_beta1: Tensor, param_decay: Tensor
+) -> None:
+    """``m = b1 m + (1-b1) g; W = W decay - scale m`` with ``scale`` (R, 1) or (1, C) broadcast."""
+    compute = scale.dtype
+    g = grad.to(compute)
+    m = exp_avg.to(compute)
+    m = m + one_minus_beta1 * (g - m)
+    exp_avg.copy_(m)
+    param.copy_(param.to(compute) * param_decay - scale * m)
+
+
+class _BroadcastRunner:
+    """``_broadcast_kernel`` compiled once per process (dynamic shapes), or eager in row chunks."""
+
+    def __init__(self) -> None:
+        self.compiled = None
+        self.failed = False
+        self.scalars: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, p: Tensor, g: Tensor, m: Tensor, scale: Tensor, one_minus_beta1: float, decay: float) -> None:
+        # 0-d tensors refilled in place: a learning-rate schedule never recompiles.
+        key = (scale.device, scale.dtype)
+        if key not in self.scalars:
+            self.scalars[key] = tuple(torch.zeros((), device=scale.device, dtype=scale.dtype) for _ in range(2))
+        b, d = self.scalars[key]
+        b.fill_(one_minus_beta1)
+        d.fill_(decay)
+        if not self.failed and self.compiled is None and compile_available():
+            self.compiled = torch.compile(_broadcast_kernel, dynamic=True, fullgraph=True)
+        if self.compiled is not None and not self.failed:
+            try:
+                with _no_duck_sizing():
+                    self.compiled(p, g, m, scale, b, d)
+                return
+            except Exception as err:  # noqa: BLE001 - a compiler failure falls back, once, loudly
+                self.failed = True
+                warnings.warn(
+                    f"lowmem fast path for SlimAdamW: torch.compile failed ({type(err).__name__}: {err}); "
+                    "falling back to eager kernels. Pass fused=False to use the for-loop and silence this.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        rows = max(1, EAGER_CHUNK // p.shape[1])  # bounded temporaries
+        for r in range(0, p.shape[0], rows):
+            s = scale[r : r + rows] if scale.shape[0] > 1 else scale
+            _broadcast_kernel(p[r : r + rows], g[r : r + rows], m[r : r + rows], s, b, d)
+
+
+_BROADCAST = _BroadcastRunner()
+
+
+def _matrix_view(shape: torch.Size, dims: tuple[int, ...]) -> tuple[int, int, bool] | None:
+    """``(R, C, rows)``: the tensor seen as an (R, C) matrix reduced over C (``rows``) or over R.
+
+    ``None`` if ``dims`` are not the leading or the trailing dims, or if R or C would be 1 (a
+    size-1 dim would specialise the compiled graph).
+    """
+    nd, k = len(shape), sorted(d % len(shape) for d in dims)
+    if k == list(range(nd - len(k), nd)):
+        split, rows = nd - len(k), True
+    elif k == list(range(len(k))):
+        split, rows = len(k), False
+    else:
+        return None
+    r, c = math.prod(shape[:split]), math.prod(shape[split:])
+    return (r, c, rows) if r > 1 and c > 1 else None
+
+
+def _mean_sq(g: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
+    """``mean(g^2)`` over C (``rows``, keepdim: (R, 1)) or over R ((1, C)), without a g-sized temporary."""
+    if rows:
+        return torch.linalg.vector_norm(g, dim=1, keepdim=True, dtype=dtype).square_().div_(g.shape[1])
+    acc = torch.zeros((1, g.shape[1]), dtype=dtype, device=g.device)
+    for chunk in g.split(max(1, EAGER_CHUNK // g.shape[1])):  # ATen's vector_norm(dim=0) is slow here
+        acc.add_(chunk.to(dtype).square().sum(0, keepdim=True))
+    return acc.div_(g.shape[0])
+
+
+def _fused_slimadamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    **hparams: Any,
+) -> None:
+    compress_dims, lr, weight_decay = hparams["compress_dims"], hparams["lr"], hparams["weight_decay"]
+    beta1, beta2, eps = hparams["beta1"], hparams["beta2"], hparams["eps"]
+    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count
+    for i, step_t in enumerate(state_steps):
         step_t += 1
-        step = step_t.item()
-        bc1 = 1.0 - beta1**step
-        bc2_sqrt = (1.0 - beta2**step) ** 0.5
-        w = p if p.dtype == m.dtype else p.to(m.dtype)  # fp32 maths for low-precision params
-        g = grad.to(m.dtype)
-        if p.dim() >= 2:
-            w.mul_(1.0 - lr * weight_decay)
-        m.lerp_(g, 1.0 - beta1)
+        by_step.setdefault(step_t.item(), []).append(i)
+    for step, indices in by_step.items():
+        step_size, bc2_sqrt = lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
         if compress_dims is None:
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        else:
-            # contiguous(): the sum order of a reduction follows the memory layout; this makes a
-            # transposed or channels-last parameter give exactly the result of a contiguous one.
-            g2_mean = (g * g).contiguous().mean(dim=compress_dims, keepdim=True)
-            v.mul_(beta2).add_(g2_mean, alpha=1.0 - beta2)
-        # sqrt(v)/sqrt(bc2) as torch.optim.AdamW writes it, so compress_dims=None matches it closely.
-        denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        w.addcdiv_(m, denom, value=-lr / bc1)
-        if w is not p:
-            p.copy_(w)
+            for decays in (True, False):  # 1-D parameters are never decayed
+                ix = [i for i in indices if (params[i].dim() >= 2) == decays]
+                if ix:
+                    _SLIM_FULL_FAST(
+                        [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)],
+                        scalars={
+                            "param_decay": 1.0 - lr * weight_decay if decays else 1.0,
+                            "one_minus_beta1": 1.0 - beta1,
+                            "beta2": beta2,
+                            "one_minus_beta2": 1.0 - beta2,
+                            "step_size": step_size,
+                            "bias_correction2_sqrt": bc2_sqrt,
+                            "eps": eps,
+                        },
+                    )
+            continue
+        for i in indices:
+            p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+            view = _matrix_view(p.shape, compress_dims)
+            if view is None or not all(t.is_contiguous() for t in (p, g, m)):
+                _slimadamw_one(p, g, m, v, step, **hparams)
+                continue
+            r, c, rows = view
+            compute = torch.float64 if v.dtype == torch.float64 else torch.float32
+            g2 = g.view(r, c)
+            v2 = v.view(r, 1) if rows else v.view(1, c)
+            v2.mul_(beta2).add_(_mean_sq(g2, rows, compute), alpha=1.0 - beta2)
+            scale = step_size / (v2.to(compute).sqrt() / bc2_sqrt + eps)
+            decay = 1.0 - lr * weight_decay  # compressed tensors are all >= 2-D
+            _BROADCAST(p.view(r, c), g2, m.view(r, c), scale, 1.0 - beta1, decay)
