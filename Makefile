@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-CONFIG ?= configs/cnn_adamw.yaml
+CONFIG ?= configs/diffusion_hmadamw.yaml
 
 .PHONY: install run test test-slow test-dist test-all bench clean
 
