@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -191,3 +192,78 @@ def test_bf16_step_rounds_an_fp32_update_once():
     AdamS([w32], lr=1e-3).step()
     AdamS([w16], lr=1e-3).step()
     assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
+
+
+def test_fused_matches_for_loop_and_auto_choice(monkeypatch):
+    """The compiled path (one compile, ~10 s the first time) against the for-loop reference."""
+    torch.manual_seed(0)
+    shapes = [(37, 19), (53,), (5, 3, 3, 3), (1,)]
+    runs = {}
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(1)
+        params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        params[2].data = params[2].data.contiguous(memory_format=torch.channels_last)
+        opt = AdamS(params, lr=1e-2, fused=fused)
+        for _ in range(12):
+            for p in params:
+                p.grad = torch.empty_like(p).normal_(generator=gen)  # same layout as p (channels_last too)
+            opt.step()
+        runs[fused] = (params, opt)
+    for p, q in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(runs[True][1].state[p]["exp_avg"], runs[False][1].state[q]["exp_avg"])
+
+    import lowmem.optim.adams as adams_module
+
+    calls = []
+    monkeypatch.setattr(adams_module, "adams", lambda *a, **kw: calls.append(kw["fused"]))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(adams_module.FAST_PATH_MIN_NUMEL))
+    for p in (small, large):
+        p.grad = torch.zeros_like(p)
+    AdamS([small]).step()
+    AdamS([large]).step()
+    AdamS([large], fused=False).step()
+    monkeypatch.setattr(adams_module, "compile_available", lambda: False)
+    AdamS([large]).step()
+    assert calls == [False, True, False, False]
+    with pytest.raises(ValueError, match="fused"):
+        AdamS([small], fused="yes")
+
+
+@pytest.fixture
+def one_rank_mesh():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch):
+    """FSDP2 holds DTensor shards; AdamS is element-wise, so it steps them like plain tensors."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import lowmem.optim._fast as fast
+    import lowmem.optim.adams as adams_module
+
+    if fused:  # the fast path's handling of shards, without paying for a compile here
+        monkeypatch.setattr(fast, "compile_available", lambda: False)
+        monkeypatch.setattr(adams_module, "_ADAMS_FAST", fast.FusedForeach(adams_module._adams_kernel))
+    init = [torch.randn(6, 4), torch.randn(5)]
+    plain = [nn.Parameter(x.clone()) for x in init]
+    sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
+    opt_plain, opt_sharded = AdamS(plain, lr=0.1, fused=False), AdamS(sharded, lr=0.1, fused=fused)
+    with pytest.warns(RuntimeWarning, match="Falling back") if fused else contextlib.nullcontext():
+        for _ in range(3):
+            grads = [torch.randn_like(x) for x in init]
+            for p, q, g in zip(plain, sharded, grads):
+                p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+            opt_plain.step()
+            opt_sharded.step()
+    for a, b in zip(plain, sharded):
+        torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt_sharded.state[b]["exp_avg"].full_tensor(), opt_plain.state[a]["exp_avg"])

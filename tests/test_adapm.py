@@ -17,13 +17,6 @@ from lowmem.optim import AdaPM, adapm_param_groups, state_bytes
 from lowmem.optim.adapm import OVERSAMPLE, POWER_ITERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The matrices here are tiny: intra-op threads only add overhead (and spin on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- float64 reference of §4

@@ -35,13 +35,6 @@ GROUPED = [pytest.param(s, id=s.name) for s in SPECS if not s.needs_model]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (30x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- models and loop
@@ -466,7 +459,7 @@ def test_non_contiguous_params_match_contiguous_ones(spec: OptimSpec, layout: st
     train(model, opt, data[1:])
     train(ref, ref_opt, data)
     assert model.fc1.weight.stride() == make(fc1_layout=layout).fc1.weight.stride(), "the param was replaced"
-    # Bit for bit, also for optimizers that reduce over dims: on one thread (see _one_thread) the
+    # Bit for bit, also for optimizers that reduce over dims: on one thread (see tests/conftest.py) the
     # sums do not depend on the strides here; with several threads they may differ in the last bit.
     assert_params_equal(model, ref)
 

@@ -18,6 +18,8 @@ import lowmem.optim.hmadam as hmadam_module
 from lowmem.optim import HMAdam, HMAdamW
 from lowmem.optim._fast import FusedForeach, flat_views
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+
 
 def _toy_kernel(p, g, v, *, lr, beta, double):  # element-wise, writes in place like a step
     g2 = g.to(lr.dtype)
@@ -83,7 +85,7 @@ def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
 # ------------------------------------------------------------------ HMAdamW fast vs loop
 def _pair(dtype, opt_cls, **kwargs):
     gen = torch.Generator().manual_seed(0)
-    shapes = [(37, 19), (53,), (5, 3, 3, 3), (1,), (300, 7), (7,)]
+    shapes = [(37, 19), (53,), (5, 3, 3, 3), (1,), (200, 200), (300, 7), (7,)]  # 200x200: large class
     init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
     init[2] = init[2].contiguous(memory_format=torch.channels_last)
     runs = []
@@ -124,6 +126,8 @@ def test_fused_hmadamw_matches_for_loop_fp32():
     with torch._dynamo.config.patch(error_on_recompile=True):  # new lr, clip coefficient, step count
         _drive(runs, 4, torch.float32, seed=2)
     _compare(runs, rtol=1e-5, atol=1e-6)
+    sizes = {key[0] for key in hmadam_module._HMADAM_FAST._keys}
+    assert sizes == {True, False}  # both the single-threaded (small) and parallel kernels ran
 
 
 @pytest.mark.slow

@@ -18,13 +18,6 @@ from lowmem.optim import IOAdam, state_bytes
 IN, HID, OUT = 19, 37, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention when other jobs share the 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Net(nn.Module):

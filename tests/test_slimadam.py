@@ -46,7 +46,9 @@ def test_matches_float64_reference():
     steps, lr, betas, eps, wd = 110, 3e-3, (0.9, 0.95), 1e-8, 0.1
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s, _ in CASES]
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) * (0.1 + t % 5) for t in range(steps)] for s, _ in CASES]
+    grads = [
+        [torch.randn(s, generator=gen, dtype=torch.float64) * (0.1 + t % 5) for t in range(steps)] for s, _ in CASES
+    ]
     params = [nn.Parameter(x.clone()) for x in init]
     opt = SlimAdamW([{"params": [p], "compress_dims": d} for p, (_, d) in zip(params, CASES)], lr=lr, weight_decay=wd)
     for t in range(steps):
@@ -69,7 +71,8 @@ def test_uncompressed_equals_torch_adamw():
     hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     # 1-D params are never decayed by SlimAdamW: give them weight_decay=0 in AdamW.
     opt = SlimAdamW(ours, weight_decay=0.1, **hp)
-    ref = torch.optim.AdamW([{"params": theirs[:2]}, {"params": theirs[2:], "weight_decay": 0.0}], weight_decay=0.1, **hp)
+    groups = [{"params": theirs[:2]}, {"params": theirs[2:], "weight_decay": 0.0}]
+    ref = torch.optim.AdamW(groups, weight_decay=0.1, **hp)
     for _ in range(100):
         for a, b in zip(ours, theirs):
             a.grad = torch.randn_like(a)
@@ -81,7 +84,9 @@ def test_uncompressed_equals_torch_adamw():
         torch.testing.assert_close(opt.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("dims, shape", [((2,), (4, 3)), ((1, -1), (4, 3)), ((), (4, 3)), ("fan_in", (4, 3)), ((0,), ())])
+@pytest.mark.parametrize(
+    "dims, shape", [((2,), (4, 3)), ((1, -1), (4, 3)), ((), (4, 3)), ("fan_in", (4, 3)), ((0,), ())]
+)
 def test_rejects_compress_dims_that_do_not_fit(dims, shape):
     p = nn.Parameter(torch.zeros(shape))
     with pytest.raises(ValueError, match="compress_dims"):
@@ -105,7 +110,9 @@ def test_error_names_the_parameter_and_mismatched_state_is_caught():
 def test_state_dict_round_trip_and_bf16_state():
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(9, 7)), nn.Parameter(torch.randn(9, 7).to(torch.bfloat16))]
-    groups = lambda ps: [{"params": ps[:1], "compress_dims": (0,)}, {"params": ps[1:], "compress_dims": (1,)}]  # noqa: E731
+    def groups(ps):
+        return [{"params": ps[:1], "compress_dims": (0,)}, {"params": ps[1:], "compress_dims": (1,)}]
+
     opt = SlimAdamW(groups(params), lr=1e-2)
     for _ in range(4):
         for p in params:
@@ -185,7 +192,9 @@ class NanoGPT(nn.Module):
     def __init__(self, lin=nn.Linear):
         super().__init__()
         self.transformer = nn.ModuleDict(
-            dict(wte=nn.Embedding(V, D), wpe=nn.Embedding(T, D), h=nn.ModuleList([NanoBlock(lin)]), ln_f=nn.LayerNorm(D))
+            dict(
+                wte=nn.Embedding(V, D), wpe=nn.Embedding(T, D), h=nn.ModuleList([NanoBlock(lin)]), ln_f=nn.LayerNorm(D)
+            )
         )
         self.lm_head = nn.Linear(D, V, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
@@ -201,7 +210,8 @@ class LlamaLike(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed_tokens = nn.Embedding(V, D)
-        self.self_attn = nn.ModuleDict({n: nn.Linear(D, D, bias=False) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        self.self_attn = nn.ModuleDict({n: nn.Linear(D, D, bias=False) for n in names})
         self.mlp = nn.ModuleDict(
             dict(gate_proj=nn.Linear(D, 3 * D), up_proj=nn.Linear(D, 3 * D), down_proj=nn.Linear(3 * D, D))
         )
@@ -428,3 +438,56 @@ def test_snr_rules_recover_known_structure(tmp_path):
 def test_snapshot_schedule():
     due = [s for s in range(1, 5001) if snr_snapshot_due(s)]
     assert due == [1, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 2000, 3000, 4000, 5000]
+
+
+# ---------------------------------------------------------------- fast path
+
+FAST_CASES = CASES + [((8, 6, 5), (0, 1)), ((1, 40), (1,))]  # leading dims; a size-1 row: for-loop fallback
+
+
+def _run(fused, cases, steps=12, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s, _ in cases]
+    opt = SlimAdamW([{"params": [p], "compress_dims": d} for p, (_, d) in zip(params, cases)], lr=1e-2, fused=fused)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+        opt.step()
+    return params, opt
+
+
+def _assert_runs_close(a, b):
+    for p, q in zip(a[0], b[0]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(a[1].state[p][key], b[1].state[q][key], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_matches_for_loop():
+    """Compiles three kernels (~10 s each the first time): element-wise, row- and column-reduced."""
+    _assert_runs_close(_run(True, FAST_CASES), _run(False, FAST_CASES))
+
+
+def test_fused_eager_fallback_chunks_and_matches(monkeypatch):
+    import lowmem.optim.slimadam as slim_module
+
+    monkeypatch.setattr(slim_module, "compile_available", lambda: False)
+    monkeypatch.setattr(slim_module, "_BROADCAST", slim_module._BroadcastRunner())  # nothing compiled yet
+    monkeypatch.setattr(slim_module, "EAGER_CHUNK", 7)  # several chunks per tensor in both reductions
+    compressed = [c for c in FAST_CASES if c[1] is not None]
+    _assert_runs_close(_run(True, compressed), _run(False, compressed))
+
+
+def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
+    import lowmem.optim.adams as adams_module
+    import lowmem.optim.slimadam as slim_module
+
+    calls = []
+    monkeypatch.setattr(slim_module, "slimadamw", lambda *a, **kw: calls.append(kw["fused"]))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(adams_module.FAST_PATH_MIN_NUMEL))
+    for p in (small, large):
+        p.grad = torch.zeros_like(p)
+    SlimAdamW([small]).step()
+    SlimAdamW([large]).step()
+    SlimAdamW([large], fused=False).step()
+    assert calls == [False, True, False]
