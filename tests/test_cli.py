@@ -35,7 +35,8 @@ def test_fit_trains_logs_tensorboard_and_saves_config(tmp_path, capsys):
     assert log_dir.parent.name == "lightning_logs" and log_dir.is_relative_to(tmp_path)
     scalars = _scalars(log_dir)
     assert len(scalars["train/loss"]) == 6 and all(v > 0 for v in scalars["train/loss"])
-    assert scalars["lr"] == pytest.approx([3e-3] * 6)
+    # The config's LinearLR warm-up (start_factor 0.05 over 30 steps), stepped every optimizer step.
+    assert scalars["lr"] == pytest.approx([3e-3 * (0.05 + 0.95 * k / 30) for k in range(6)])
     assert "val/acc" in scalars and "val/loss" in scalars
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.AdamW"
