@@ -39,7 +39,7 @@ def test_fit_trains_logs_tensorboard_and_saves_config(tmp_path, capsys):
     assert scalars["lr"] == pytest.approx([3e-3 * (0.05 + 0.95 * k / 30) for k in range(6)])
     assert "val/acc" in scalars and "val/loss" in scalars
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
-    assert saved["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert saved["model"]["init_args"]["optimizer"]["class_path"] == "lowmem.strategies.AdamW"
     assert "lowmem fit: step 6: val/acc=" in capsys.readouterr().out
 
 

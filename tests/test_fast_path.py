@@ -32,6 +32,7 @@ def _toy_lists(seed=0):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(37, 19), (53,), (1,), (40, 30)]
     p = [torch.randn(s, generator=gen) for s in shapes]
+    p[-1] = p[-1].t().contiguous().t()  # layout differs from its g and v: no flat view, row chunks
     return [p, [torch.randn(s, generator=gen) for s in shapes], [torch.rand(s, generator=gen) for s in shapes]]
 
 

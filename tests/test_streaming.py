@@ -10,12 +10,14 @@ from lowmem.lightning_modules import DigitsDataModule, StreamingDataModule
 from lowmem.lightning_modules.streaming import _main as streaming_main
 
 
-@pytest.fixture
-def digits_chunks(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # litdata stages files under $TMPDIR
-    (tmp_path / "tmp").mkdir()
-    streaming_main(["digits", str(tmp_path / "chunks")])
-    return tmp_path / "chunks"
+@pytest.fixture(scope="module")
+def digits_chunks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("litdata")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(root / "tmp"))  # litdata stages files under $TMPDIR
+        (root / "tmp").mkdir()
+        streaming_main(["digits", str(root / "chunks")])
+    return root / "chunks"
 
 
 def test_streamed_samples_equal_the_source(digits_chunks):

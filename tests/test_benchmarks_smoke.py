@@ -1,0 +1,61 @@
+"""Smoke test of the benchmarks: each one runs on tiny sizes and writes its table and figures.
+
+Benchmarks are not tests: nothing here checks a timing or a memory figure, only that every
+benchmark completes, writes its generated section (between markers, keeping the text around it)
+and its figures.
+"""
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks/` is a top-level folder of the repository, not installed
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import memory, quality, speed  # noqa: E402
+from benchmarks.common import write_section  # noqa: E402
+
+
+def _section(text: str, name: str) -> str:
+    begin, end = f"<!-- BEGIN GENERATED {name} -->", f"<!-- END GENERATED {name} -->"
+    assert text.count(begin) == 1 and text.count(end) == 1, f"section {name} missing or duplicated"
+    return text.split(begin)[1].split(end)[0]
+
+
+def test_write_section_replaces_only_its_block(tmp_path):
+    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nprose before\n")
+    write_section(tmp_path, "speed", "old table")
+    write_section(tmp_path, "memory", "memory table")
+    write_section(tmp_path, "speed", "new table")
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "prose before" in text and "old table" not in text
+    assert _section(text, "speed").strip() == "new table"
+    assert _section(text, "memory").strip() == "memory table"
+
+
+def test_memory_benchmark_runs(tmp_path):
+    memory.main(["--quick", "--optimizers", "HMAdamW", "IO-Adam (fused)", "--out", str(tmp_path)])
+    section = _section((tmp_path / "benchmarks.md").read_text(), "memory")
+    assert "Command: `python -m benchmarks.memory --quick" in section and "torch " in section
+    for model in ("GPT (tiny)", "CNN (tiny)", "U-Net (tiny)"):
+        assert f"**{model}**" in section
+    assert "| HMAdamW |" in section and "| AdamW (fused) |" in section and "| IO-Adam (fused) |" in section
+    assert "paper's headline" in section
+
+
+def test_speed_benchmark_runs(tmp_path):
+    speed.main(["--quick", "--optimizers", "HMAdamW", "--families", "cnn", "--throughput_optimizers", "adamw",
+                "hmadamw", "--out", str(tmp_path)])  # fmt: skip
+    section = _section((tmp_path / "benchmarks.md").read_text(), "speed")
+    assert "Memory bandwidth in this run" in section
+    assert "| HMAdamW |" in section and "| AdamW (foreach) |" in section and "Targets (issue 4)" in section
+    assert "End-to-end training throughput" in section and "| cnn (" in section
+
+
+def test_quality_benchmark_runs(tmp_path):
+    quality.main(["--quick", "--families", "cnn", "--variants", "hmadamw", "--out", str(tmp_path)])
+    section = _section((tmp_path / "benchmarks.md").read_text(), "quality")
+    assert "| AdamW |" in section and "| HMAdamW (noise) |" in section
+    figure = tmp_path / "figures" / "quality_cnn.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](figures/quality_cnn.png)" in section
