@@ -26,6 +26,11 @@ from lowmem.strategies import AdamW, FoldedMomentumPrecision, HMAdamW, StrategyE
 
 B1 = 0.9
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended"),
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
+]
+
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -341,7 +346,8 @@ def test_clipping_above_the_gradient_norm_never_clips_the_history():
     assert torch.equal(unclipped.lin.weight.grad, clipped.lin.weight.grad)
     assert clipped.momentum_norms[-1] == pytest.approx(G, rel=1e-2)
 
-    lightning_clipping = type("LightningClipping", (LinearLoss,), {"configure_gradient_clipping": pl.LightningModule.configure_gradient_clipping})
+    hook = {"configure_gradient_clipping": pl.LightningModule.configure_gradient_clipping}
+    lightning_clipping = type("LightningClipping", (LinearLoss,), hook)
     history_clipped = _clip_run(_hm(), clip=2 * G, module=lightning_clipping)
     assert history_clipped.momentum_norms[-1] < 0.25 * G
 

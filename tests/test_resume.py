@@ -43,8 +43,8 @@ CASES = [("cnn", name) for name in STRATEGIES] + [
 # in on_validation_end (after an in-fit validation); Lightning restores each differently.
 SAVERS = {
     "steps": lambda path, n: ModelCheckpoint(path, "{step}", every_n_train_steps=n, save_top_k=-1),
-    "epoch_end": lambda path, n: ModelCheckpoint(path, "{step}", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True),
-    "validation_end": lambda path, n: ModelCheckpoint(path, "{step}", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=False),
+    "epoch_end": lambda path, n: ModelCheckpoint(path, "{step}", save_top_k=-1, save_on_train_epoch_end=True),
+    "validation_end": lambda path, n: ModelCheckpoint(path, "{step}", save_top_k=-1, save_on_train_epoch_end=False),
 }
 
 
@@ -75,7 +75,7 @@ def _check_resume_and_validation(tmp_path, family, name, save_at=7, accumulate=1
     assert batches_c == batches_a
 
 
-@pytest.mark.parametrize(("family", "name"), CASES, ids=[f"{f}-{n}" for f, n in CASES])
+@pytest.mark.parametrize(("family", "name"), CASES, ids=[f"{family}-{name}" for family, name in CASES])
 def test_resume_and_validation_are_exact(tmp_path, family, name):
     _check_resume_and_validation(tmp_path, family, name)
 
@@ -108,14 +108,15 @@ class GlobalShuffleDigits(DigitsDataModule):
 def test_negative_control_global_rng_shuffle_does_not_resume(tmp_path):
     """The same resume with a plain ``shuffle=True`` loader trains on other batches after the
     resume, so the exactness above is the sampler's doing, and the check can fail."""
-    _, _, batches_a = _fit("cnn", "HMAdamW", checkpoint=SAVERS["steps"](tmp_path, 7), data=GlobalShuffleDigits(batch_size=16))
+    saver = SAVERS["steps"](tmp_path, 7)
+    _, _, batches_a = _fit("cnn", "HMAdamW", checkpoint=saver, data=GlobalShuffleDigits(batch_size=16))
     _, _, batches_b = _fit("cnn", "HMAdamW", ckpt_path=tmp_path / "step=7.ckpt", data=GlobalShuffleDigits(batch_size=16))
     assert batches_b != [b for b in batches_a if b[0] >= 7]
 
 
 def _lm_run(tmp_path, *, validate, ckpt_path=None, save_at=None):
     model = lm(STRATEGIES["HMAdamW"](), dropout=0.2)
-    callbacks = [ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=save_at, save_top_k=-1)] if save_at else []
+    callbacks = [SAVERS["steps"](tmp_path, save_at)] if save_at else []
     t = trainer(
         max_steps=8, limit_train_batches=LIMIT, limit_val_batches=2 if validate else 0,
         val_check_interval=VAL_EVERY if validate else None, callbacks=callbacks, enable_checkpointing=bool(save_at),

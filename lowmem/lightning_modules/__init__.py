@@ -6,6 +6,7 @@ from lowmem.lightning_modules.digits import DigitsDataModule, load_digits_tensor
 from lowmem.lightning_modules.gpt import GPT, GPTConfig
 from lowmem.lightning_modules.image_classifier import ImageClassifier
 from lowmem.lightning_modules.language_model import LanguageModel
+from lowmem.lightning_modules.sampling import ResumableSampler
 from lowmem.lightning_modules.streaming import StreamingDataModule, write_chunks
 from lowmem.lightning_modules.text import StdlibTextDataModule, stdlib_corpus
 from lowmem.lightning_modules.unet import UNet
@@ -19,6 +20,7 @@ __all__ = [
     "ImageClassifier",
     "LanguageModel",
     "LowMemModule",
+    "ResumableSampler",
     "StdlibTextDataModule",
     "StreamingDataModule",
     "UNet",

@@ -10,7 +10,16 @@ Folded momentum (HMAdam keeps its first moment in ``.grad``): whenever the optim
 ``folds_momentum_into_grad``, the module's own ``zero_grad()`` leaves ``.grad`` alone. Lightning
 calls it at the start of every stage (after restoring a checkpoint) and before every in-fit
 validation; with a folding optimizer the only code that touches ``.grad`` between steps is the
-optimizer's ``zero_grad()``, which decays it.
+optimizer's ``zero_grad()``, which decays it. A newly built folding optimizer starts from zero
+momentum (stale buffers are freed in ``configure_optimizers``); a checkpoint restore then writes
+its saved momentum back, after which Lightning's stage-start ``zero_grad`` leaves it alone.
+
+Randomness: training draws from torch's global RNG (dropout, anything in ``training_step``) come
+from a *training stream* the module owns: its state is restored at the start of every training
+batch and captured at the end, and saved in checkpoints (per rank under DDP). So in-fit
+validation, sanity checks and DataLoader iterators (which also draw from the global RNG) cannot
+change the training trajectory, and a resumed run draws exactly what the uninterrupted one
+would have. Draws made while a batch is fetched (augmentation in a Dataset) are not covered.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from torch.optim import Optimizer
 from lowmem.strategies import CallableStrategy, FoldedMomentumPrecision, OptimizerStrategy, folds_momentum
 
 __all__ = ["LowMemModule", "ConfigError", "OptimizerArg", "default_optimizer"]
+
+_RNG_KEY = "lowmem_rng_stream"  # checkpoint key: the training stream's RNG states, one per rank
 
 # What a module's ``optimizer`` argument accepts: a lowmem strategy or any optimizer callable.
 OptimizerArg = OptimizerStrategy | OptimizerCallable
@@ -56,6 +67,9 @@ class LowMemModule(pl.LightningModule):
 
     Subclasses implement ``forward`` and ``compute_loss(batch) -> (loss, metrics dict)``; the base
     logs ``train/loss``, ``val/loss`` (and every extra metric under ``train/``/``val/``) and ``lr``.
+    A subclass that overrides ``on_fit_start``, ``on_train_batch_start``/``_end``,
+    ``on_save_checkpoint``/``on_load_checkpoint``, ``configure_optimizers`` or ``zero_grad`` must
+    call ``super()``: they carry the optimizer checks, the training RNG stream and the momentum.
     """
 
     def __init__(
@@ -69,6 +83,8 @@ class LowMemModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.monitor = monitor
         self._folds_momentum = False
+        self._rng_stream: dict[str, torch.Tensor] | None = None  # global RNG state(s) of the training stream
+        self._in_train_batch = False
 
     # --- what subclasses provide -----------------------------------------------------------
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -82,6 +98,10 @@ class LowMemModule(pl.LightningModule):
         except (ValueError, TypeError) as err:
             raise ConfigError(f"invalid optimizer configuration: {err}") from err
         self._folds_momentum = folds_momentum(optimizer)
+        if self._folds_momentum:
+            # .grad is this new optimizer's momentum: start it from zero, not from buffers left by an
+            # earlier fit (AdamW's momentum restarts too); a checkpoint restore refills it afterwards.
+            super().zero_grad(set_to_none=True)
         if self.lr_scheduler_factory is None:
             return optimizer
         try:
@@ -95,6 +115,8 @@ class LowMemModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.optimizer_strategy.check(self.trainer)
+        if self._rng_stream is None:  # neither restored nor left by an earlier fit: start it here
+            self._rng_stream = _rng_state(self.device)
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:  # fmt: skip
@@ -105,6 +127,43 @@ class LowMemModule(pl.LightningModule):
         """Free/zero gradients, except when the optimizer keeps its momentum in them (then a no-op)."""
         if not self._folds_momentum:
             super().zero_grad(set_to_none)
+
+    # --- the training RNG stream (see the module docstring) -------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_stream is not None:
+            _set_rng_state(self._rng_stream, self.device)
+        self._in_train_batch = True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_stream = _rng_state(self.device)
+        self._in_train_batch = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # ModelCheckpoint saves in its on_train_batch_end, before ours: then the live state is the stream's.
+        stream = _rng_state(self.device) if self._in_train_batch else self._rng_stream
+        if stream is not None:
+            checkpoint[_RNG_KEY] = {name: self._per_rank(state) for name, state in stream.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_RNG_KEY)
+        if saved is not None:
+            self._rng_stream = {name: self._this_rank(states) for name, states in saved.items()}
+
+    def _per_rank(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """``state`` of every rank, in rank order (an all-gather under DDP; call it on all ranks).
+
+        For per-rank state (RNG) in ``on_save_checkpoint``: only rank 0 writes the checkpoint."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return [state.cpu()]
+        # Each row gets its own storage: torch 2.13's set_rng_state/Generator.set_state segfault on a
+        # view with a storage offset (also after a torch.save/load round trip).
+        return [s.cpu().clone() for s in self.all_gather(state.to(self.device))]
+
+    def _this_rank(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's entry of a :meth:`_per_rank` list (rank modulo its length), own storage."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return states[rank % len(states)].clone()
 
     # --- steps -------------------------------------------------------------------------------
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
@@ -134,6 +193,20 @@ class LowMemModule(pl.LightningModule):
         optimizers = self.optimizers(use_pl_optimizer=False)
         optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
         return float(optimizer.param_groups[0]["lr"])
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG state(s) that training on ``device`` draws from (CPU, and CUDA's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _batch_size(batch: Any) -> int:

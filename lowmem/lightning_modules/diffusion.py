@@ -5,8 +5,8 @@ beta_1..beta_T and abar_t = prod_{s<=t} (1 - beta_s). Loss: mean squared error o
 eps (per pixel). Sampling: ancestral DDPM with sigma_t^2 = beta_t.
 
 Randomness: training draws timesteps and noise from the module's own generator (seeded by
-``seed`` + rank, saved in checkpoints), validation from a fixed generator per batch, so in-fit
-validation never perturbs training and a resumed run draws the same noise.
+``seed`` + rank, saved in checkpoints for every rank), validation from a fixed generator per
+batch, so in-fit validation never perturbs training and a resumed run draws the same noise.
 """
 
 from __future__ import annotations
@@ -98,10 +98,13 @@ class DiffusionModel(LowMemModule):
         return self._train_rng
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_RNG_KEY] = self._generator().get_state()
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[_RNG_KEY] = self._per_rank(self._generator().get_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng_state = checkpoint.get(_RNG_KEY)
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(_RNG_KEY)
+        self._pending_rng_state = self._this_rank(saved) if isinstance(saved, list) else saved
         self._train_rng = None
 
     # --- objective -----------------------------------------------------------------------------

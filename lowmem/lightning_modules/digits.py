@@ -72,7 +72,9 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         data = self.splits[split]
-        sampler = ResumableSampler(data, self.batch_size, seed=self.hparams.seed, trainer=self.trainer) if train else None
+        sampler = None
+        if train:
+            sampler = ResumableSampler(data, self.batch_size, seed=self.hparams.seed, trainer=self.trainer)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=train, persistent_workers=self.num_workers > 0)  # fmt: skip
 

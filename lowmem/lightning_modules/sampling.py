@@ -45,6 +45,8 @@ class ResumableSampler(DistributedSampler):
         seed: base seed of the permutation; epoch ``e`` uses ``seed + e``.
         trainer: the Trainer whose fit-loop progress sets the epoch and the start position; without
             it the sampler behaves like ``DistributedSampler`` (``set_epoch``, start at 0).
+        drop_last_batch: whether the DataLoader drops the last incomplete batch (its
+            ``drop_last``); the epoch length in batches depends on it.
         num_replicas, rank: the DDP world size and this rank; default from ``trainer``, else from
             ``torch.distributed`` if initialized, else 1 and 0.
     """
@@ -57,6 +59,7 @@ class ResumableSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         trainer: Any = None,
+        drop_last_batch: bool = True,
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
@@ -70,20 +73,29 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.batch_size = batch_size
         self.trainer = trainer
-        self.start_batch = 0  # batches of this epoch skipped by the current iteration
+        self.drop_last_batch = drop_last_batch
 
     def _fit_position(self) -> tuple[int, int] | None:
-        """(epoch, batches of it already trained on) from the fit loop, or None if not fitting."""
+        """(epoch, batches of it already trained on) from the fit loop, or None if not fitting.
+
+        Derived from the total number of training batches the loop has processed and the epoch
+        length, not from Lightning's epoch counter: resuming from a checkpoint written at the end
+        of an epoch makes Lightning run an empty epoch and count one epoch too many.
+        """
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return None
-        fit_loop = trainer.fit_loop
-        return fit_loop.epoch_progress.current.processed, fit_loop.epoch_loop.batch_progress.current.processed
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return divmod(done, self._batches_per_epoch(trainer.limit_train_batches))
+
+    def _batches_per_epoch(self, limit: int | float) -> int:
+        """Batches Lightning runs per epoch (``len(loader)`` cut by ``limit_train_batches``)."""
+        n = len(self) // self.batch_size if self.drop_last_batch else -(-len(self) // self.batch_size)
+        return max(1, min(n, limit) if isinstance(limit, int) else int(n * limit))
 
     def __iter__(self) -> Iterator[int]:
         position = self._fit_position()
         epoch, start = position if position is not None else (self.epoch, 0)
         self.set_epoch(epoch)
-        self.start_batch = start
         indices = list(super().__iter__())
         return iter(indices[start * self.batch_size :])

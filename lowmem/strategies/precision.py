@@ -10,6 +10,8 @@ one overflow the inf stays in the buffer, so every later step is skipped. This p
 - after an overflow step (skipped by the scaler, so no inf/NaN reaches the weights) resets the
   buffers holding non-finite values to zero (a momentum restart for those tensors only), counts
   them in ``momentum_resets`` and ``overflow_steps``, and lets training go on with the reduced scale.
+  Buffers that stayed finite keep the skipped step's gradient: it enters the next step's momentum
+  (as an extra accumulated micro-batch would), since it cannot be told apart from the history.
 
 Optimizers that do not fold momentum into ``.grad`` are passed through unchanged.
 """

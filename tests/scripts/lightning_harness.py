@@ -16,9 +16,11 @@ import lightning.pytorch as pl
 import torch
 
 from lowmem import strategies
-from lowmem.lightning_modules import DiffusionModel, DigitsDataModule, ImageClassifier, LanguageModel, StdlibTextDataModule
+from lowmem.lightning_modules import (
+    DiffusionModel, DigitsDataModule, ImageClassifier, LanguageModel, StdlibTextDataModule,
+)  # fmt: skip
 
-warnings.filterwarnings("ignore", message=".*(does not have many workers|LitLogger|litlogger|GPU available|TPU available).*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
 
