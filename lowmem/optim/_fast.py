@@ -25,10 +25,11 @@ What it takes care of:
 
 - *Hyperparameters as 0-d tensors* (cached per device and dtype, refilled in place), so a
   learning-rate schedule never recompiles (Python floats would be baked into the graph).
-- *Shape-agnostic compile*: tensors are passed as 1-D views (:func:`flat_views`) with dynamic
+- *Shape-agnostic compile*: tensors are passed as 1-D aliases (:func:`flat_views`) with dynamic
   sizes and duck sizing off, in groups of exactly ``group_size`` (the last group is padded with
-  2-element scratch tensors). One compile (~10 s, cached on disk by Inductor afterwards) per
-  kernel x device x dtype combination x ``static`` value, whatever the model's shapes.
+  scratch tensors). One compile (5-30 s on 2 cores; Inductor caches it on disk) per kernel x
+  size class (below/above ``SMALL_NUMEL`` elements: single-threaded / parallel kernels) x device
+  x dtype combination x ``static`` value, whatever the model's shapes.
 - *Bounded temporaries* on the eager fallback: the kernel is applied to slices of at most
   ``EAGER_CHUNK`` elements (1-D views share memory with the tensors, so results land in place).
 - *Fallback*: if ``torch.compile`` is unavailable or fails, one warning names the cause and the
@@ -50,15 +51,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["EAGER_CHUNK", "FusedForeach", "compile_available", "flat_views", "local_tensor"]
+__all__ = ["EAGER_CHUNK", "SMALL_NUMEL", "FusedForeach", "compile_available", "flat_views", "local_tensor"]
 
 EAGER_CHUNK = 1 << 20  # elements per eager kernel call: temporaries stay ~4 MiB each
+SMALL_NUMEL = 1 << 18  # below this, kernels run single-threaded, in groups (see FusedForeach)
 _MIN_COMPILED_NUMEL = 2  # dynamo specialises sizes 0 and 1; tinier tensors run eagerly
 _MAX_KEYS = 6  # distinct compiles per kernel, kept under dynamo's recompile limit (8)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (element-wise maths on shards is exact), else ``t``."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # the common case, checked cheaply
+        return t
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
@@ -75,12 +79,12 @@ def flat_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     logical element.
     """
     first = tensors[0]
-    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors[1:]):
-        return None
     # .detach() drops the view's link to its base (version counter and storage stay shared):
     # dynamo would otherwise trace every view through its base and specialise on the base's rank.
-    if first.is_contiguous():
+    if all(t.is_contiguous() and t.shape == first.shape for t in tensors):
         return [t.view(-1).detach() for t in tensors]
+    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors[1:]):
+        return None
     order = sorted(range(first.dim()), key=lambda d: first.stride(d), reverse=True)
     permuted = [t.permute(order) for t in tensors]
     if not permuted[0].is_contiguous():
@@ -102,15 +106,24 @@ def _no_duck_sizing() -> contextlib.AbstractContextManager:
 class FusedForeach:
     """Run ``kernel(*tensors_i, **scalars, **static)`` for every index ``i``, compiled and fused.
 
-    ``group_size`` tensors per list go into one compiled call (fewer Python round trips; a larger
-    group compiles longer). ``name`` only appears in warnings.
+    Two size classes, each its own compile (measured on the 2-core CPU this was tuned on):
+
+    - tensors of ``SMALL_NUMEL`` elements or more: one compiled call per tensor, each one OpenMP
+      parallel region. A call over several tensors would hold one work-sharing loop per tensor
+      in one region, i.e. one barrier per tensor, and each barrier costs up to a scheduler time
+      slice when the cores are shared (measured: 1.5-1.8x slower than ATen under load);
+    - smaller tensors: ``group_size`` tensors per compiled call (the last group padded with
+      2-element scratch tensors), kernels compiled single-threaded (no barrier at all): their
+      work is too small to repay a parallel region, and the call overhead is shared.
+
+    ``name`` only appears in warnings and in the compiled functions' names.
     """
 
     def __init__(self, kernel: Callable[..., None], *, group_size: int = 8, name: str | None = None) -> None:
         self.kernel = kernel
         self.group_size = group_size
         self.name = name or kernel.__name__
-        self._compiled: Callable[..., None] | None = None
+        self._compiled: dict[bool, Callable[..., None]] = {}  # small size class? -> compiled loop
         self._failed = False
         self._keys: set[tuple] = set()
         self._scalars: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -124,6 +137,7 @@ class FusedForeach:
         static: Mapping[str, Any] | None = None,
     ) -> None:
         static = dict(static or {})
+        static_key = tuple(sorted(static.items()))
         buckets: dict[tuple, list[list[torch.Tensor]]] = {}
         eager: list[list[torch.Tensor]] = []
         for tensors in zip(*tensor_lists):
@@ -132,7 +146,8 @@ class FusedForeach:
             if views is None or views[0].numel() < _MIN_COMPILED_NUMEL:
                 eager.append(views or tensors)
                 continue
-            key = (views[0].device, *(t.dtype for t in views), tuple(sorted(static.items())))
+            small = views[0].numel() < SMALL_NUMEL
+            key = (small, views[0].device, tuple(t.dtype for t in views), static_key)
             buckets.setdefault(key, []).append(views)
         for key, items in buckets.items():
             eager.extend(self._run_compiled(key, items, scalars, static) if self._compile_ok(key) else items)
@@ -143,45 +158,50 @@ class FusedForeach:
     def _compile_ok(self, key: tuple) -> bool:
         if self._failed:
             return False
-        if self._compiled is None:
-            if not compile_available():
-                self._fail(RuntimeError("torch.compile is not supported on this Python/platform"))
-                return False
-            self._compiled = torch.compile(self._make_loop(), dynamic=True, fullgraph=True)
-        if key not in self._keys and len(self._keys) >= _MAX_KEYS:
+        if not compile_available():
+            self._fail(RuntimeError("torch.compile is not supported on this Python/platform"))
+            return False
+        small = key[0]
+        if small not in self._compiled:
+            options = {"cpp.threads": 1} if small else None
+            self._compiled[small] = torch.compile(
+                self._make_loop("small" if small else "large"), dynamic=True, fullgraph=True, options=options
+            )
+        if key not in self._keys and sum(k[0] == small for k in self._keys) >= _MAX_KEYS:
             return False  # beyond dynamo's recompile limit it would silently run unfused
         self._keys.add(key)
         return True
 
-    def _make_loop(self) -> Callable[..., None]:
+    def _make_loop(self, size_class: str) -> Callable[..., None]:
         kernel = self.kernel
 
         def loop(tensor_lists, scalars, static):  # noqa: ANN001, ANN202 - traced by dynamo
             for tensors in zip(*tensor_lists):
                 kernel(*tensors, **scalars, **static)
 
-        # dynamo caches graphs per code object: a private copy per kernel keeps each kernel's
-        # compiles apart from the other optimizers' (the recompile limit counts per code object)
-        loop.__code__ = loop.__code__.replace(co_name=f"fused_{self.name}")
+        # dynamo caches graphs per code object: a private copy per kernel and size class keeps
+        # their compiles apart (the recompile limit counts per code object)
+        loop.__code__ = loop.__code__.replace(co_name=f"fused_{self.name}_{size_class}")
         return loop
 
     def _run_compiled(
         self, key: tuple, items: list[list[torch.Tensor]], scalars: Mapping, static: dict
     ) -> list[list[torch.Tensor]]:
         """Run ``items`` through the compiled loop; return those left for the eager kernel."""
-        device, dtypes = key[0], key[1:-1]
+        small, device, dtypes, _ = key
         compute = torch.float64 if torch.float64 in dtypes else torch.float32
         scalar_tensors = self._scalar_tensors(device, compute, scalars)
-        padding = self._padding.get(key)
-        if padding is None:
-            padding = [[torch.zeros(2, dtype=d, device=device) for d in dtypes] for _ in range(self.group_size)]
+        group_size = self.group_size if small else 1
+        padding = self._padding.get(key, [])
+        if small and not padding:
+            padding = [[torch.zeros(2, dtype=d, device=device) for d in dtypes] for _ in range(group_size)]
             self._padding[key] = padding
         with _no_duck_sizing():
-            for start in range(0, len(items), self.group_size):
-                group = items[start : start + self.group_size]
+            for start in range(0, len(items), group_size):
+                group = items[start : start + group_size]
                 group = group + padding[len(group) :]
                 try:
-                    self._compiled([list(col) for col in zip(*group)], scalar_tensors, static)
+                    self._compiled[small]([list(col) for col in zip(*group)], scalar_tensors, static)
                 except Exception as err:  # noqa: BLE001 - a compiler failure falls back, once, loudly
                     self._fail(err)
                     return items[start:]  # a failing group has not written anything yet

@@ -60,12 +60,14 @@ class HMAdam(LowMemOptimizer):
 
     * **zero_grad decays, it never zeroes or frees.** The decay ``B <- b1 B`` is fused into the
       end of :meth:`step` (24 instead of 28 bytes moved per parameter in the fast path);
-      :meth:`zero_grad` applies it only if no ``step()`` has run since the buffers were last
-      decayed (e.g. before the first step, or after a skipped step), whatever ``set_to_none`` says.
-      So the buffers are decayed exactly once between two steps, whatever the number of
-      ``zero_grad()`` calls or backward passes (gradient accumulation just adds the micro-batch
-      gradients into ``B``). Observable consequence: between ``step()`` and the next backward,
-      ``p.grad`` already holds ``b1 B``, not the gradient of the last step.
+      :meth:`zero_grad` decays (whatever ``set_to_none`` says) only buffers that have not been
+      decayed since the last ``step()``: in practice only before the first step. So the buffers
+      are decayed exactly once per step, whatever the number of ``zero_grad()`` calls or backward
+      passes (gradient accumulation just adds the micro-batch gradients into ``B``), and for the
+      loop ``zero_grad(); backward(); step()`` the trajectory is the spec's. Observable
+      differences: between ``step()`` and the next backward ``p.grad`` already holds ``b1 B``;
+      a step that is skipped (not called) does not decay, so the next backward adds to an
+      undecayed ``B``; ``zero_grad()`` twice in a row decays once.
     * **Guard.** ``step()`` raises ``RuntimeError`` if a parameter's buffer was freed (``.grad`` set
       to None) or replaced by another tensor since the optimizer last decayed it: some code
       outside the optimizer (``model.zero_grad()``, a framework) destroyed the momentum.
@@ -515,10 +517,10 @@ def _fused_hmadam(
     params, grads, exp_avg_sqs, state_steps, *, clip_coef, lr, beta1, beta2, eps, weight_decay, variance_correction,
     decoupled,
 ) -> None:  # fmt: skip
+    torch._foreach_add_(state_steps, 1.0)
     by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
-    for i, step_t in enumerate(state_steps):
-        step_t += 1
-        by_step.setdefault(step_t.item(), []).append(i)
+    for i, step in enumerate(torch.stack(state_steps).tolist()):
+        by_step.setdefault(step, []).append(i)
     for step, indices in by_step.items():
         _HMADAM_FAST(
             [[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]],
