@@ -41,15 +41,18 @@ def test_memory_benchmark_runs(tmp_path):
         assert f"**{model}**" in section
     assert "| HMAdamW |" in section and "| AdamW (fused) |" in section and "| IO-Adam (fused) |" in section
     assert "paper's headline" in section
+    assert (tmp_path / "figures" / "memory.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_speed_benchmark_runs(tmp_path):
     speed.main(["--quick", "--optimizers", "HMAdamW", "--families", "cnn", "--throughput_optimizers", "adamw",
                 "hmadamw", "--out", str(tmp_path)])  # fmt: skip
-    section = _section((tmp_path / "benchmarks.md").read_text(), "speed")
-    assert "Memory bandwidth in this run" in section
-    assert "| HMAdamW |" in section and "| AdamW (foreach) |" in section and "Targets (issue 4)" in section
-    assert "End-to-end training throughput" in section and "| cnn (" in section
+    text = (tmp_path / "benchmarks.md").read_text()
+    steps, throughput = _section(text, "speed"), _section(text, "throughput")
+    assert "Bandwidth before the timings" in steps and "Targets (issue 4)" in steps
+    assert "| HMAdamW |" in steps and "| AdamW (foreach) |" in steps and "| AdamW (fused) |" in steps
+    assert (tmp_path / "figures" / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| cnn (" in throughput and "| AdamW | HMAdamW |" in throughput
 
 
 def test_quality_benchmark_runs(tmp_path):

@@ -41,22 +41,6 @@ def use_fast_path(fused: bool | None, total_numel: int) -> bool:
     return fused
 
 
-def _restore_saved_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """Undo ``Optimizer.load_state_dict``'s cast of floating state to the parameter dtype.
-
-    torch assumes state has the param's dtype; lowmem keeps fp32 state for bf16/fp16 params, which
-    torch would round to bf16 on load. Re-take each floating state tensor from ``state_dict`` in
-    the dtype it was saved in (an exact copy), on the parameter's device.
-    """
-    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for pid, p in zip(saved_ids, params):
-        for key, value in state_dict["state"].get(pid, {}).items():
-            loaded = optimizer.state[p].get(key)
-            if key != "step" and isinstance(value, Tensor) and value.is_floating_point() and loaded.dtype != value.dtype:
-                optimizer.state[p][key] = value.to(device=p.device, copy=True)
-
-
 class AdamS(LowMemOptimizer):
     r"""AdamS: Adam whose second moment is rebuilt from the momentum, so it keeps only ``m``.
 
@@ -119,7 +103,12 @@ class AdamS(LowMemOptimizer):
         super().__init__(params, defaults)
 
     def _init_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], steps: list[Tensor]
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        steps: list[Tensor],
     ) -> None:
         for p in group["params"]:
             if p.grad is None:
@@ -163,11 +152,6 @@ class AdamS(LowMemOptimizer):
                 fused=use_fast_path(group["fused"], total_numel),
             )
         return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; fp32 state of low-precision parameters stays fp32 (torch would cast it)."""
-        super().load_state_dict(state_dict)
-        _restore_saved_state_dtypes(self, state_dict)
 
 
 def adams(

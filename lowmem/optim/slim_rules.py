@@ -161,7 +161,9 @@ def load_slim_rules(path: str | os.PathLike) -> dict[str, Rule]:
             isinstance(rule, list) and rule and all(isinstance(d, int) and not isinstance(d, bool) for d in rule)
         )
         if not ok:
-            raise ValueError(f"{path}: invalid rule {rule!r} for {name!r}; use 'fan_in', 'fan_out', null or a list of dims")
+            raise ValueError(
+                f"{path}: invalid rule {rule!r} for {name!r}; use 'fan_in', 'fan_out', null or a list of dims"
+            )
     return rules
 
 
