@@ -2,7 +2,7 @@
 with the same seeds and the config's (recommended) hyperparameters; final validation loss
 mean ± std against AdamW, and a loss-curve figure per family.
 
-    python -m benchmarks.quality                               # all families, 3 seeds (~40 min, 2 cores)
+    python -m benchmarks.quality                               # all families, 3 seeds (~20 min, 2 cores)
     python -m benchmarks.quality --families lm --seeds 0 1 2 3 4 --steps lm=600
     python -m benchmarks.quality --quick                       # 3 steps, 1 seed: a run check
     python -m benchmarks.quality -- --trainer.accelerator=gpu  # extra overrides for every run

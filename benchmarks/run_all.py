@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process, and write their sections of ``docs/benchmarks.md``.
 
-    python -m benchmarks.run_all            # make bench: speed, memory, quality (~1 h on 2 CPU cores)
+    python -m benchmarks.run_all            # make bench: speed, memory, quality (~35 min on 2 CPU cores)
     python -m benchmarks.run_all --quick    # tiny sizes and budgets: checks that everything runs
     python -m benchmarks.run_all --only speed memory
 

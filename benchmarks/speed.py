@@ -2,7 +2,7 @@
 optimizer's own bandwidth floor, for several model sizes; end-to-end training throughput per
 optimizer on each model family's config.
 
-    python -m benchmarks.speed                                  # 10M, 50M, GPT-2 small (~10 min)
+    python -m benchmarks.speed                                  # 10M, 50M, GPT-2 small (~8 min)
     python -m benchmarks.speed --sizes 50M --repeats 9
     python -m benchmarks.speed --quick                          # tiny sizes, no compile: a run check
     python -m benchmarks.speed --sizes --families lm            # throughput of the lm configs only
