@@ -213,17 +213,18 @@ def test_fused_matches_for_loop_and_auto_choice(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(runs[True][1].state[p]["exp_avg"], runs[False][1].state[q]["exp_avg"])
 
+    import lowmem.optim._fast as fast
     import lowmem.optim.adams as adams_module
 
     calls = []
     monkeypatch.setattr(adams_module, "adams", lambda *a, **kw: calls.append(kw["fused"]))
-    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(adams_module.FAST_PATH_MIN_NUMEL))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(fast.FAST_PATH_MIN_NUMEL))
     for p in (small, large):
         p.grad = torch.zeros_like(p)
     AdamS([small]).step()
     AdamS([large]).step()
     AdamS([large], fused=False).step()
-    monkeypatch.setattr(adams_module, "compile_available", lambda: False)
+    monkeypatch.setattr(fast, "compile_available", lambda: False)
     AdamS([large]).step()
     assert calls == [False, True, False, False]
     with pytest.raises(ValueError, match="fused"):

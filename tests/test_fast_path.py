@@ -72,14 +72,14 @@ def test_eager_fallback_warns_once_chunks_and_matches(monkeypatch):
 def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
     calls = []
     monkeypatch.setattr(hmadam_module, "hmadam", lambda *a, **kw: calls.append(kw["fused"]))
-    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(hmadam_module.FAST_PATH_MIN_NUMEL))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(fast.FAST_PATH_MIN_NUMEL))
     for p in (small, large):
         p.grad = torch.zeros_like(p)
     HMAdamW([small]).step()
     HMAdamW([large]).step()
     HMAdamW([large], fused=False).step()
     HMAdamW([small], fused=True).step()
-    monkeypatch.setattr(hmadam_module, "compile_available", lambda: False)
+    monkeypatch.setattr(fast, "compile_available", lambda: False)
     HMAdamW([large]).step()
     assert calls == [False, True, False, True, False]
 

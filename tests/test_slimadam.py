@@ -479,12 +479,12 @@ def test_fused_eager_fallback_chunks_and_matches(monkeypatch):
 
 
 def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
-    import lowmem.optim.adams as adams_module
+    import lowmem.optim._fast as fast
     import lowmem.optim.slimadam as slim_module
 
     calls = []
     monkeypatch.setattr(slim_module, "slimadamw", lambda *a, **kw: calls.append(kw["fused"]))
-    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(adams_module.FAST_PATH_MIN_NUMEL))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(fast.FAST_PATH_MIN_NUMEL))
     for p in (small, large):
         p.grad = torch.zeros_like(p)
     SlimAdamW([small]).step()

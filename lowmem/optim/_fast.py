@@ -242,3 +242,23 @@ class FusedForeach:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+FAST_PATH_MIN_NUMEL = 1 << 20  # fused=None picks the compiled path from this many elements on
+
+
+def check_fused(name: str, fused: object) -> None:
+    """Validate an optimizer's ``fused`` argument: True, False or None (automatic)."""
+    if fused not in (None, True, False):
+        raise ValueError(f"{name}: invalid fused={fused!r}; expected True, False or None (automatic)")
+
+
+def use_fast_path(fused: bool | None, total_numel: int) -> bool:
+    """Resolve ``fused=None``: compile for optimizers holding at least ``FAST_PATH_MIN_NUMEL``
+    elements, when ``torch.compile`` works. Inside a ``torch.compile``'d training step the plain
+    for-loop is traced instead."""
+    if torch.compiler.is_compiling():
+        return False
+    if fused is None:
+        return total_numel >= FAST_PATH_MIN_NUMEL and compile_available()
+    return fused

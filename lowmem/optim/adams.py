@@ -22,23 +22,9 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
-from lowmem.optim._fast import FusedForeach, compile_available
+from lowmem.optim._fast import FusedForeach, check_fused, use_fast_path
 
 __all__ = ["AdamS", "adams"]
-
-FAST_PATH_MIN_NUMEL = 1 << 20  # fused=None picks the compiled path from this many elements on (as HMAdamW)
-
-
-def use_fast_path(fused: bool | None, total_numel: int) -> bool:
-    """Resolve ``fused=None``: compile for models of at least ``FAST_PATH_MIN_NUMEL`` elements.
-
-    Inside a ``torch.compile``'d training step the plain for-loop is traced instead.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    if fused is None:
-        return total_numel >= FAST_PATH_MIN_NUMEL and compile_available()
-    return fused
 
 
 class AdamS(LowMemOptimizer):
@@ -90,8 +76,7 @@ class AdamS(LowMemOptimizer):
         state_in_param_dtype: bool = False,
     ) -> None:
         check_hparams("AdamS", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        if fused not in (None, True, False):
-            raise ValueError(f"AdamS: invalid fused={fused!r}; expected True, False or None (automatic)")
+        check_fused("AdamS", fused)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),

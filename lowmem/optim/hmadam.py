@@ -31,12 +31,11 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
-from lowmem.optim._fast import FusedForeach, compile_available, local_tensor
+from lowmem.optim._fast import FusedForeach, check_fused, local_tensor, use_fast_path
 
 __all__ = ["HMAdam", "HMAdamW", "hmadam", "variance_scale"]
 
 VARIANCE_CORRECTIONS = ("noise", "stationary", "none")
-FAST_PATH_MIN_NUMEL = 1 << 20  # fused=None picks the compiled path from this many elements on
 
 
 def variance_scale(kind: str, beta1: float, step: float) -> float:
@@ -141,8 +140,7 @@ class HMAdam(LowMemOptimizer):
             )
         if max_momentum_norm is not None:
             check_hparams(name, lr=lr, max_momentum_norm=max_momentum_norm)
-        if fused not in (None, True, False):
-            raise ValueError(f"{name}: invalid fused={fused!r}; expected True, False or None (automatic)")
+        check_fused(name, fused)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -196,9 +194,7 @@ class HMAdam(LowMemOptimizer):
         for group, (params, grads, exp_avg_sqs, steps) in zip(self.param_groups, collected):
             max_norm = group["max_momentum_norm"]
             clip_coef = None if max_norm is None else torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-            fused = group["fused"]
-            if fused is None:
-                fused = total_numel >= FAST_PATH_MIN_NUMEL and compile_available()
+            fused = use_fast_path(group["fused"], total_numel)
             beta1, beta2 = group["betas"]
             hmadam(
                 params,

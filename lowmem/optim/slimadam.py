@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
-from lowmem.optim._fast import EAGER_CHUNK, FusedForeach, _no_duck_sizing, compile_available
-from lowmem.optim.adams import use_fast_path
+from lowmem.optim._fast import EAGER_CHUNK, FusedForeach, _no_duck_sizing, check_fused, compile_available, use_fast_path
 
 __all__ = ["SlimAdamW", "slimadamw"]
 
@@ -113,8 +112,7 @@ class SlimAdamW(LowMemOptimizer):
         state_in_param_dtype: bool = False,
     ) -> None:
         check_hparams("SlimAdamW", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        if fused not in (None, True, False):
-            raise ValueError(f"SlimAdamW: invalid fused={fused!r}; expected True, False or None (automatic)")
+        check_fused("SlimAdamW", fused)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
