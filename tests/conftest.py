@@ -1,4 +1,4 @@
-"""Suite-wide settings: tests use small tensors, for which one intra-op thread is fastest and
+"""Suite-wide fixtures. Tests use small tensors, for which one intra-op thread is fastest and
 keeps timings stable on a shared 2-core machine."""
 
 import pytest
@@ -11,3 +11,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A one-rank gloo process group and CPU device mesh: DTensor (FSDP2) parameters in-process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

@@ -231,18 +231,6 @@ def test_fused_matches_for_loop_and_auto_choice(monkeypatch):
         AdamS([small], fused="yes")
 
 
-@pytest.fixture
-def one_rank_mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch):
     """FSDP2 holds DTensor shards; AdamS is element-wise, so it steps them like plain tensors."""

@@ -448,18 +448,6 @@ def test_defaults_and_capabilities():
 
 
 # ----------------------------------------------------------------------- DTensor (FSDP2)
-@pytest.fixture
-def one_rank_mesh():
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch):
     from torch.distributed.tensor import Shard, distribute_tensor
