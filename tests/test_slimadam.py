@@ -468,14 +468,23 @@ def test_fused_matches_for_loop():
     _assert_runs_close(_run(True, FAST_CASES), _run(False, FAST_CASES))
 
 
-def test_fused_eager_fallback_chunks_and_matches(monkeypatch):
+@pytest.mark.parametrize("failure", ["unavailable", "compiler error"])
+def test_fused_falls_back_to_the_for_loop_once_and_loudly(monkeypatch, failure):
     import lowmem.optim.slimadam as slim_module
 
-    monkeypatch.setattr(slim_module, "compile_available", lambda: False)
-    monkeypatch.setattr(slim_module, "_BROADCAST", slim_module._BroadcastRunner())  # nothing compiled yet
-    monkeypatch.setattr(slim_module, "EAGER_CHUNK", 7)  # several chunks per tensor in both reductions
+    runner = slim_module._ReducedRunner()  # nothing compiled yet
+    monkeypatch.setattr(slim_module, "_REDUCED", runner)
+    if failure == "unavailable":
+        monkeypatch.setattr(slim_module, "compile_available", lambda: False)
+    else:
+        runner.compiled = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("inductor exploded"))
     compressed = [c for c in FAST_CASES if c[1] is not None]
-    _assert_runs_close(_run(True, compressed), _run(False, compressed))
+    with pytest.warns(RuntimeWarning, match="unavailable or failed.*for-loop") as caught:
+        fused = _run(True, compressed)
+    assert len(caught) == 1
+    loop = _run(False, compressed)
+    for p, q in zip(fused[0], loop[0]):
+        assert torch.equal(p, q)
 
 
 def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):

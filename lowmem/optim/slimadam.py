@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
-from lowmem.optim._fast import EAGER_CHUNK, FusedForeach, _no_duck_sizing, check_fused, compile_available, use_fast_path
+from lowmem.optim._fast import FusedForeach, _no_duck_sizing, check_fused, compile_available, use_fast_path
 
 __all__ = ["SlimAdamW", "slimadamw"]
 
@@ -92,9 +92,9 @@ class SlimAdamW(LowMemOptimizer):
             AdamW's learning rate unchanged.
         weight_decay: decoupled weight decay (default 0.1), never applied to 1-D parameters.
         fused: compiled step: uncompressed tensors in one fused kernel (``lowmem.optim._fast``),
-            compressed ones as an ATen reduction of ``g^2`` plus one compiled element-wise pass
-            (24 B/param moved instead of AdamW's 28). ``None`` picks it automatically for large
-            models when ``torch.compile`` works; ``False`` is the for-loop reference.
+            each compressed one in one compiled kernel (a reduction loop and an update loop:
+            24 B/param moved, AdamW moves 28). ``None`` picks it automatically for large models
+            when ``torch.compile`` works; ``False`` is the for-loop reference.
         state_in_param_dtype: keep the state of bf16/fp16 parameters in their dtype, not fp32.
     """
 
@@ -279,12 +279,13 @@ def _slimadamw_one(
 
 # ------------------------------------------------------------------------------ fast path
 #
-# Uncompressed tensors are element-wise: one fused kernel through lowmem.optim._fast. Compressed
-# ones need mean_K(g^2) before any element is updated, i.e. two passes over g. Seen as an (R, C)
-# matrix reduced over C ("rows") or over R ("cols"), the reduction runs in ATen with bounded
-# temporaries (4 B/param read), and one compiled kernel per tensor does the rest in a single pass
-# (reads W, g, m, writes W, m: 20 B/param) with the per-row/column scale broadcast. FusedForeach
-# cannot take that kernel: it requires every tensor of an index to have the same shape.
+# Uncompressed tensors are element-wise: one fused kernel through lowmem.optim._fast. A compressed
+# tensor, seen as an (R, C) matrix reduced over C ("rows") or over R ("cols"), gets one compiled
+# kernel per call (FusedForeach needs equal shapes within an index; v here is (R, 1) or (1, C)).
+# Inductor makes it two loops, the reduction of g^2 and then the update: 24 B/param moved instead
+# of the 20 B/param floor, since it does not fuse a reduction and its consumer into one pass when
+# the reduced tensor (v) is also written out. ATen reductions (vector_norm, chunked square+sum)
+# measured slower still for the column case.
 
 
 def _adamw_kernel(
@@ -315,59 +316,77 @@ def _adamw_kernel(
 _SLIM_FULL_FAST = FusedForeach(_adamw_kernel, name="slimadamw_full")
 
 
-def _broadcast_kernel(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, scale: Tensor, one_minus_beta1: Tensor, param_decay: Tensor
+def _reduced_kernel(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    param_decay: Tensor,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    one_minus_beta2: Tensor,
+    step_size: Tensor,
+    bias_correction2_sqrt: Tensor,
+    eps: Tensor,
+    rows: bool,
 ) -> None:
-    """``m = b1 m + (1-b1) g; W = W decay - scale m`` with ``scale`` (R, 1) or (1, C) broadcast."""
-    compute = scale.dtype
+    """One compressed (R, C) tensor; ``exp_avg_sq`` is (R, 1) (``rows``) or (1, C)."""
+    compute = step_size.dtype
     g = grad.to(compute)
+    v = beta2 * exp_avg_sq.to(compute) + one_minus_beta2 * (g * g).mean(dim=1 if rows else 0, keepdim=True)
     m = exp_avg.to(compute)
     m = m + one_minus_beta1 * (g - m)
+    exp_avg_sq.copy_(v)
     exp_avg.copy_(m)
-    param.copy_(param.to(compute) * param_decay - scale * m)
+    param.copy_(param.to(compute) * param_decay - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
 
 
-class _BroadcastRunner:
-    """``_broadcast_kernel`` compiled once per process (dynamic shapes), or eager in row chunks."""
+class _ReducedRunner:
+    """``_reduced_kernel`` compiled once per process with dynamic shapes (one graph per ``rows``
+    value and dtype combination). If ``torch.compile`` is unavailable or fails, it warns once and
+    every call returns False: the caller then runs the for-loop reference for that tensor."""
 
     def __init__(self) -> None:
-        self.compiled = None
+        self.compiled: Any = None
         self.failed = False
-        self.scalars: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.scalars: dict[tuple, dict[str, Tensor]] = {}
 
-    def __call__(self, p: Tensor, g: Tensor, m: Tensor, scale: Tensor, one_minus_beta1: float, decay: float) -> None:
-        # 0-d tensors refilled in place: a learning-rate schedule never recompiles.
-        key = (scale.device, scale.dtype)
-        if key not in self.scalars:
-            self.scalars[key] = tuple(torch.zeros((), device=scale.device, dtype=scale.dtype) for _ in range(2))
-        b, d = self.scalars[key]
-        b.fill_(one_minus_beta1)
-        d.fill_(decay)
-        if not self.failed and self.compiled is None and compile_available():
-            # dynamic_threads: with dynamic shapes Inductor decides serial vs parallel from the
+    def __call__(self, tensors: tuple[Tensor, ...], scalars: dict[str, float], rows: bool) -> bool:
+        """Run the kernel on ``(param, grad, exp_avg, exp_avg_sq)``; False if it could not run."""
+        if self.failed:
+            return False
+        if self.compiled is None:
+            if not compile_available():
+                self._fail(RuntimeError("torch.compile is not supported on this Python/platform"))
+                return False
+            # dynamic_threads: with dynamic shapes Inductor picks serial or parallel code from the
             # first call's sizes; a small first tensor would make every later one single-threaded.
             options = {"cpp.dynamic_threads": True}
-            self.compiled = torch.compile(_broadcast_kernel, dynamic=True, fullgraph=True, options=options)
-        if self.compiled is not None and not self.failed:
-            try:
-                with _no_duck_sizing():
-                    self.compiled(p, g, m, scale, b, d)
-                return
-            except Exception as err:  # noqa: BLE001 - a compiler failure falls back, once, loudly
-                self.failed = True
-                warnings.warn(
-                    f"lowmem fast path for SlimAdamW: torch.compile failed ({type(err).__name__}: {err}); "
-                    "falling back to eager kernels. Pass fused=False to use the for-loop and silence this.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        rows = max(1, EAGER_CHUNK // p.shape[1])  # bounded temporaries
-        for r in range(0, p.shape[0], rows):
-            s = scale[r : r + rows] if scale.shape[0] > 1 else scale
-            _broadcast_kernel(p[r : r + rows], g[r : r + rows], m[r : r + rows], s, b, d)
+            self.compiled = torch.compile(_reduced_kernel, dynamic=True, fullgraph=True, options=options)
+        # 0-d tensors refilled in place: a learning-rate schedule never recompiles.
+        compute = torch.float64 if tensors[3].dtype == torch.float64 else torch.float32
+        cache = self.scalars.setdefault((tensors[0].device, compute), {})
+        for name, value in scalars.items():
+            cache.setdefault(name, torch.zeros((), device=tensors[0].device, dtype=compute)).fill_(value)
+        try:
+            with _no_duck_sizing():
+                self.compiled(*tensors, **cache, rows=rows)
+        except Exception as err:  # noqa: BLE001 - a compiler failure falls back, once, loudly
+            self._fail(err)  # the graph failed to build: nothing was written
+            return False
+        return True
+
+    def _fail(self, err: BaseException) -> None:
+        self.failed = True
+        warnings.warn(
+            f"lowmem fast path for SlimAdamW: torch.compile is unavailable or failed ({type(err).__name__}: {err}); "
+            "compressed tensors use the for-loop from now on. Pass fused=False to silence this.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
-_BROADCAST = _BroadcastRunner()
+_REDUCED = _ReducedRunner()
 
 
 def _matrix_view(shape: torch.Size, dims: tuple[int, ...]) -> tuple[int, int, bool] | None:
@@ -387,16 +406,6 @@ def _matrix_view(shape: torch.Size, dims: tuple[int, ...]) -> tuple[int, int, bo
     return (r, c, rows) if r > 1 and c > 1 else None
 
 
-def _mean_sq(g: Tensor, rows: bool, dtype: torch.dtype) -> Tensor:
-    """``mean(g^2)`` over C (``rows``, keepdim: (R, 1)) or over R ((1, C)), without a g-sized temporary."""
-    if rows:
-        return torch.linalg.vector_norm(g, dim=1, keepdim=True, dtype=dtype).square_().div_(g.shape[1])
-    acc = torch.zeros((1, g.shape[1]), dtype=dtype, device=g.device)
-    for chunk in g.split(max(1, EAGER_CHUNK // g.shape[1])):  # ATen's vector_norm(dim=0) is slow here
-        acc.add_(chunk.to(dtype).square().sum(0, keepdim=True))
-    return acc.div_(g.shape[0])
-
-
 def _fused_slimadamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -412,35 +421,28 @@ def _fused_slimadamw(
         step_t += 1
         by_step.setdefault(step_t.item(), []).append(i)
     for step, indices in by_step.items():
-        step_size, bc2_sqrt = lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
+        scalars = {
+            "param_decay": 1.0 - lr * weight_decay,
+            "one_minus_beta1": 1.0 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1.0 - beta2,
+            "step_size": lr / (1.0 - beta1**step),
+            "bias_correction2_sqrt": math.sqrt(1.0 - beta2**step),
+            "eps": eps,
+        }
         if compress_dims is None:
             for decays in (True, False):  # 1-D parameters are never decayed
                 ix = [i for i in indices if (params[i].dim() >= 2) == decays]
                 if ix:
-                    _SLIM_FULL_FAST(
-                        [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)],
-                        scalars={
-                            "param_decay": 1.0 - lr * weight_decay if decays else 1.0,
-                            "one_minus_beta1": 1.0 - beta1,
-                            "beta2": beta2,
-                            "one_minus_beta2": 1.0 - beta2,
-                            "step_size": step_size,
-                            "bias_correction2_sqrt": bc2_sqrt,
-                            "eps": eps,
-                        },
-                    )
+                    lists = [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+                    _SLIM_FULL_FAST(lists, scalars=scalars if decays else {**scalars, "param_decay": 1.0})
             continue
         for i in indices:
             p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
             view = _matrix_view(p.shape, compress_dims)
-            if view is None or not all(t.is_contiguous() for t in (p, g, m)):
-                _slimadamw_one(p, g, m, v, step, **hparams)
-                continue
-            r, c, rows = view
-            compute = torch.float64 if v.dtype == torch.float64 else torch.float32
-            g2 = g.view(r, c)
-            v2 = v.view(r, 1) if rows else v.view(1, c)
-            v2.mul_(beta2).add_(_mean_sq(g2, rows, compute), alpha=1.0 - beta2)
-            scale = step_size / (v2.to(compute).sqrt() / bc2_sqrt + eps)
-            decay = 1.0 - lr * weight_decay  # compressed tensors are all >= 2-D
-            _BROADCAST(p.view(r, c), g2, m.view(r, c), scale, 1.0 - beta1, decay)
+            if view is not None and all(t.is_contiguous() for t in (p, g, m)):
+                r, c, rows = view
+                matrices = (p.view(r, c), g.view(r, c), m.view(r, c), v.view((r, 1) if rows else (1, c)))
+                if _REDUCED(matrices, scalars, rows):  # compressed tensors are >= 2-D: always decayed
+                    continue
+            _slimadamw_one(p, g, m, v, step, **hparams)
