@@ -303,13 +303,24 @@ def _adamw_kernel(
     eps: Tensor,
 ) -> None:
     """compress_dims=None for one tensor, for Inductor (scalars precomputed in float64 on the host)."""
+    g = grad.to(step_size.dtype)
+    _adam_update(param, g, exp_avg, exp_avg_sq, g * g, param_decay, one_minus_beta1, beta2, one_minus_beta2,
+                 step_size, bias_correction2_sqrt, eps)  # fmt: skip
+
+
+def _adam_update(
+    param: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_sq: Tensor, param_decay: Tensor,
+    one_minus_beta1: Tensor, beta2: Tensor, one_minus_beta2: Tensor, step_size: Tensor,
+    bias_correction2_sqrt: Tensor, eps: Tensor,
+) -> None:  # fmt: skip
+    """The element-wise tail both kernels share: EMAs of g and of ``g_sq`` (g^2, or its mean over
+    the compressed dims, broadcast), then the decayed, bias-corrected Adam update of ``param``."""
     compute = step_size.dtype
-    g = grad.to(compute)
+    v = beta2 * exp_avg_sq.to(compute) + one_minus_beta2 * g_sq
     m = exp_avg.to(compute)
     m = m + one_minus_beta1 * (g - m)
-    v = beta2 * exp_avg_sq.to(compute) + one_minus_beta2 * g * g
-    exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+    exp_avg.copy_(m)
     param.copy_(param.to(compute) * param_decay - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
 
 
@@ -331,14 +342,10 @@ def _reduced_kernel(
     rows: bool,
 ) -> None:
     """One compressed (R, C) tensor; ``exp_avg_sq`` is (R, 1) (``rows``) or (1, C)."""
-    compute = step_size.dtype
-    g = grad.to(compute)
-    v = beta2 * exp_avg_sq.to(compute) + one_minus_beta2 * (g * g).mean(dim=1 if rows else 0, keepdim=True)
-    m = exp_avg.to(compute)
-    m = m + one_minus_beta1 * (g - m)
-    exp_avg_sq.copy_(v)
-    exp_avg.copy_(m)
-    param.copy_(param.to(compute) * param_decay - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
+    g = grad.to(step_size.dtype)
+    g_sq = (g * g).mean(dim=1 if rows else 0, keepdim=True)
+    _adam_update(param, g, exp_avg, exp_avg_sq, g_sq, param_decay, one_minus_beta1, beta2, one_minus_beta2,
+                 step_size, bias_correction2_sqrt, eps)  # fmt: skip
 
 
 class _ReducedRunner:
