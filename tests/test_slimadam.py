@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowmem.optim import _native
 from lowmem.optim import SlimAdamW, load_slim_rules, save_slim_rules, slimadam_param_groups, snr_rules, state_bytes
 from lowmem.optim.slim_rules import snr, snr_snapshot_due
 
@@ -463,13 +464,72 @@ def _assert_runs_close(a, b):
             torch.testing.assert_close(a[1].state[p][key], b[1].state[q][key], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_matches_for_loop():
-    """Compiles three kernels (~10 s each the first time): element-wise, row- and column-reduced."""
+@pytest.fixture
+def no_native(monkeypatch):
+    """Compressed float32 tensors take the compiled (Inductor) kernel instead of the native one."""
+    monkeypatch.setattr(_native, "library", lambda: None)
+
+
+NATIVE_CASES = FAST_CASES + [((3, 700), (0,)), ((700, 3), (1,)), ((2, 2), (0,)), ((129, 257), (0,))]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_matches_for_loop(threads):
+    """Element-wise tensors compiled (~10 s the first time), compressed ones in the native kernels
+    (3 threads: rows split unevenly, column sums combined across threads)."""
+    torch.set_num_threads(threads)  # conftest restores it
+    _assert_runs_close(_run(True, NATIVE_CASES), _run(False, NATIVE_CASES))
+
+
+def test_compiled_reduced_kernel_matches_for_loop(no_native):
+    """The Inductor kernels for compressed tensors (dtypes and devices the native ones do not
+    take): two compiles, row- and column-reduced."""
     _assert_runs_close(_run(True, FAST_CASES), _run(False, FAST_CASES))
 
 
+def test_native_kernels_run_and_tell_autograd(monkeypatch):
+    import lowmem.optim.slimadam as slim_module
+
+    calls = []
+    real = slim_module._run_native
+    monkeypatch.setattr(slim_module, "_run_native", lambda *a: calls.append(a[6]) or real(*a))
+    params, opt = _run(True, [((37, 19), (1,)), ((37, 19), (0,))], steps=1)
+    assert calls == [True, False]  # rows kernel, then cols kernel: both ran
+    versions = [p._version for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [p._version for p in params] == [v + 1 for v in versions]
+
+
+def test_native_build_failure_warns_once_and_uses_the_compiled_kernel(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_failed", False)
+    monkeypatch.setenv("LOWMEM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    compressed = [((37, 19), (0,)), ((6, 4, 5), (-1,))]
+    with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built") as caught:
+        fused = _run(True, compressed)
+        _run(True, compressed)
+    assert len(caught) == 1
+    _assert_runs_close(fused, _run(False, compressed))
+
+
+def test_native_library_is_built_once_and_cached_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_failed", False)
+    monkeypatch.setenv("LOWMEM_CACHE_DIR", str(tmp_path))
+    assert _native.library() is not None
+    built = list(tmp_path.glob("lowmem_native_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(_native, "_library", None)  # a new process: loads the cached file
+    assert _native.library() is not None
+    assert list(tmp_path.glob("*")) == built and built[0].stat().st_mtime_ns == stamp
+
+
 @pytest.mark.parametrize("failure", ["unavailable", "compiler error"])
-def test_fused_falls_back_to_the_for_loop_once_and_loudly(monkeypatch, failure):
+def test_fused_falls_back_to_the_for_loop_once_and_loudly(monkeypatch, failure, no_native):
     import lowmem.optim.slimadam as slim_module
 
     runner = slim_module._ReducedRunner()  # nothing compiled yet

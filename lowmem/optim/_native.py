@@ -1,0 +1,100 @@
+"""Hand-written CPU kernels (``_native_kernels.c``), compiled on first use and called via ctypes.
+
+For the cases Inductor does not generate well: SlimAdamW's column-compressed tensors, whose
+reduction Inductor walks column strip by column strip (see the C file). The library is built with
+the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``), ``-O3 -march=native -fopenmp``,
+into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``), keyed by a hash of the source, the
+flags, the compiler's version and this CPU's feature flags; later processes load the cached
+file (first build: ~1 s). It links the ``libgomp.so.1`` torch has already loaded, so its threads
+are torch's OpenMP pool (``torch.get_num_threads()`` of them).
+
+If no compiler works, :func:`library` warns once and returns ``None``; callers then use their
+compiled (Inductor) or for-loop path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["library", "native_ok"]
+
+SOURCE = Path(__file__).with_name("_native_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_KERNEL_ARGS = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_float] * 7, ctypes.c_int]
+
+_library: ctypes.CDLL | None = None
+_failed = False
+
+
+def _cache_dir() -> Path:
+    if "LOWMEM_CACHE_DIR" in os.environ:
+        return Path(os.environ["LOWMEM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]))
+    target = _cache_dir() / f"lowmem_native_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)  # atomic: concurrent processes never load a half-written file
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; ``None`` (after one warning) if it cannot."""
+    global _library, _failed
+    if _library is not None or _failed:
+        return _library
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    try:
+        if compiler is None:
+            raise RuntimeError("no C compiler found (set $CC)")
+        lib = ctypes.CDLL(str(_build(compiler)))
+        for name in ("lowmem_slim_rows_f32", "lowmem_slim_cols_f32"):
+            getattr(lib, name).argtypes = _KERNEL_ARGS
+            getattr(lib, name).restype = ctypes.c_int
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _failed = True
+        warnings.warn(
+            f"lowmem: the native CPU kernels could not be built or loaded ({err}); SlimAdamW's compressed "
+            "tensors use the torch.compile'd kernel instead (slower for column-compressed tensors).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    _library = lib
+    return lib
+
+
+def native_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the native kernels can take these tensors: plain contiguous float32 CPU tensors."""
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and type(t) in (torch.Tensor, torch.nn.Parameter)
+        for t in tensors
+    )
