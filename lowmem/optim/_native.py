@@ -21,15 +21,21 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-__all__ = ["library", "native_ok"]
+__all__ = ["check_status", "int64_array", "library", "native_ok", "pointer_array"]
 
 SOURCE = Path(__file__).with_name("_native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-_KERNEL_ARGS = [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *[ctypes.c_float] * 7, ctypes.c_int]
+_SCALARS = [ctypes.c_float] * 7  # decay, 1-b1, b2, 1-b2, step size, sqrt(1-b2^t), eps
+_SIGNATURES = {
+    "lowmem_slim_rows_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
+    "lowmem_slim_cols_multi_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 2,
+                                   *[ctypes.POINTER(ctypes.c_void_p)] * 4, *_SCALARS, ctypes.c_int],
+}  # fmt: skip
 
 _library: ctypes.CDLL | None = None
 _failed = False
@@ -76,8 +82,8 @@ def library() -> ctypes.CDLL | None:
         if compiler is None:
             raise RuntimeError("no C compiler found (set $CC)")
         lib = ctypes.CDLL(str(_build(compiler)))
-        for name in ("lowmem_slim_rows_f32", "lowmem_slim_cols_f32"):
-            getattr(lib, name).argtypes = _KERNEL_ARGS
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = ctypes.c_int
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _failed = True
@@ -98,3 +104,21 @@ def native_ok(*tensors: torch.Tensor) -> bool:
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and type(t) in (torch.Tensor, torch.nn.Parameter)
         for t in tensors
     )
+
+
+def int64_array(values: Iterable[int]) -> ctypes.Array:
+    """A C ``int64_t[]`` of ``values``."""
+    values = list(values)
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def pointer_array(tensors: Iterable[torch.Tensor]) -> ctypes.Array:
+    """A C array of the tensors' data pointers (the tensors must stay alive during the call)."""
+    pointers = [t.data_ptr() for t in tensors]
+    return (ctypes.c_void_p * len(pointers))(*pointers)
+
+
+def check_status(status: int, who: str) -> None:
+    """Turn a kernel's non-zero status (its scratch allocation failed) into a MemoryError."""
+    if status != 0:
+        raise MemoryError(f"{who}: the native kernel could not allocate its scratch memory (column sums)")

@@ -417,21 +417,30 @@ def _matrix_view(shape: torch.Size, dims: tuple[int, ...]) -> tuple[int, int, bo
     return (r, c, rows) if r > 1 and c > 1 else None
 
 
-def _run_native(p: Tensor, g: Tensor, m: Tensor, v: Tensor, r: int, c: int, rows: bool, scalars: dict) -> bool:
-    """One compressed (R, C) float32 CPU tensor through the hand-written kernel (``_native``);
-    False if it does not apply here (other dtypes and devices use the compiled kernel)."""
-    if not _native.native_ok(p, g, m, v):
-        return False
+def _run_native(items: list[tuple[Tensor, Tensor, Tensor, Tensor, int, int, bool]], scalars: dict) -> bool:
+    """Compressed float32 CPU tensors ``(p, g, m, v, R, C, rows)`` through the hand-written
+    kernels (``_native``): each row-reduced one alone, the column-reduced ones in one pipelined
+    call. False if the library is unavailable (the caller then uses the compiled kernel)."""
     lib = _native.library()
     if lib is None:
         return False
-    kernel = lib.lowmem_slim_rows_f32 if rows else lib.lowmem_slim_cols_f32
-    status = kernel(r, c, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), scalars["param_decay"],
-                    scalars["one_minus_beta1"], scalars["beta2"], scalars["one_minus_beta2"], scalars["step_size"],
-                    scalars["bias_correction2_sqrt"], scalars["eps"], torch.get_num_threads())  # fmt: skip
-    if status != 0:
-        raise MemoryError(f"SlimAdamW: could not allocate {torch.get_num_threads()} x {c} column sums")
-    increment_version([p, m, v])  # written through raw pointers: tell autograd, as an in-place op would
+    hparams = [scalars[k] for k in ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
+                                    "bias_correction2_sqrt", "eps")]  # fmt: skip
+    threads = torch.get_num_threads()
+    cols = [item for item in items if not item[6]]
+    for p, g, m, v, r, c, rows in items:
+        if rows:
+            status = lib.lowmem_slim_rows_f32(r, c, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                                              *hparams, threads)  # fmt: skip
+            _native.check_status(status, "SlimAdamW")
+    if cols:
+        status = lib.lowmem_slim_cols_multi_f32(len(cols), _native.int64_array(item[4] for item in cols),
+                                                _native.int64_array(item[5] for item in cols),
+                                                *(_native.pointer_array(item[k] for item in cols) for k in range(4)),
+                                                *hparams, threads)  # fmt: skip
+        _native.check_status(status, "SlimAdamW")
+    # written through raw pointers: tell autograd, as an in-place op would
+    increment_version([t for item in items for t in (item[0], item[2], item[3])])
     return True
 
 
@@ -466,14 +475,19 @@ def _fused_slimadamw(
                     lists = [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)]
                     _SLIM_FULL_FAST(lists, scalars=scalars if decays else {**scalars, "param_decay": 1.0})
             continue
+        native, compiled, loop = [], [], []
         for i in indices:
             p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
             view = _matrix_view(p.shape, compress_dims)
-            if view is not None and all(t.is_contiguous() for t in (p, g, m)):
-                r, c, rows = view
-                if _run_native(p, g, m, v, r, c, rows, scalars):
-                    continue
-                matrices = (p.view(r, c), g.view(r, c), m.view(r, c), v.view((r, 1) if rows else (1, c)))
-                if _REDUCED(matrices, scalars, rows):  # compressed tensors are >= 2-D: always decayed
-                    continue
+            if view is None or not all(t.is_contiguous() for t in (p, g, m)):
+                loop.append((p, g, m, v))
+            else:
+                (native if _native.native_ok(p, g, m, v) else compiled).append((p, g, m, v, *view))
+        if native and not _run_native(native, scalars):
+            compiled = native + compiled
+        for p, g, m, v, r, c, rows in compiled:  # compressed tensors are >= 2-D: always decayed
+            matrices = (p.view(r, c), g.view(r, c), m.view(r, c), v.view((r, 1) if rows else (1, c)))
+            if not _REDUCED(matrices, scalars, rows):
+                loop.append((p, g, m, v))
+        for p, g, m, v in loop:
             _slimadamw_one(p, g, m, v, step, **hparams)
