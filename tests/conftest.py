@@ -24,3 +24,27 @@ def one_rank_mesh():
         yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """The hand-written kernels (lowmem.optim._native) unavailable: fast paths use Inductor's."""
+    from lowmem.optim import _native
+
+    monkeypatch.setattr(_native, "library", lambda: None)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Record (kernel name, indices given, indices left) of every native element-wise call."""
+    from lowmem.optim import _native
+
+    calls, real = [], _native.elementwise
+
+    def spy(name, tensor_lists, scalars):
+        rest = real(name, tensor_lists, scalars)
+        calls.append((name, len(tensor_lists[0]), len(rest)))
+        return rest
+
+    monkeypatch.setattr(_native, "elementwise", spy)
+    return calls

@@ -194,8 +194,16 @@ def test_bf16_step_rounds_an_fp32_update_once():
     assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
 
 
-def test_fused_matches_for_loop_and_auto_choice(monkeypatch):
-    """The compiled path (one compile, ~10 s the first time) against the for-loop reference."""
+@pytest.fixture(params=["native", "compiled"])
+def fast_kernel(request):
+    """The native kernel (float32 CPU; channels_last still compiled), or Inductor's for all."""
+    if request.param == "compiled":
+        request.getfixturevalue("no_native")
+    return request.param
+
+
+def test_fused_matches_for_loop_and_auto_choice(monkeypatch, fast_kernel):
+    """The fast path (one compile, ~10 s the first time) against the for-loop reference."""
     torch.manual_seed(0)
     shapes = [(37, 19), (53,), (5, 3, 3, 3), (1,)]
     runs = {}
@@ -231,22 +239,23 @@ def test_fused_matches_for_loop_and_auto_choice(monkeypatch):
         AdamS([small], fused="yes")
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch):
+@pytest.mark.parametrize("fused", [False, "native", "eager"])
+def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch, request):
     """FSDP2 holds DTensor shards; AdamS is element-wise, so it steps them like plain tensors."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import lowmem.optim._fast as fast
     import lowmem.optim.adams as adams_module
 
-    if fused:  # the fast path's handling of shards, without paying for a compile here
+    if fused == "eager":  # the compiled path's handling of shards, without paying for a compile here
+        request.getfixturevalue("no_native")
         monkeypatch.setattr(fast, "compile_available", lambda: False)
         monkeypatch.setattr(adams_module, "_ADAMS_FAST", fast.FusedForeach(adams_module._adams_kernel))
     init = [torch.randn(6, 4), torch.randn(5)]
     plain = [nn.Parameter(x.clone()) for x in init]
     sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
-    opt_plain, opt_sharded = AdamS(plain, lr=0.1, fused=False), AdamS(sharded, lr=0.1, fused=fused)
-    with pytest.warns(RuntimeWarning, match="Falling back") if fused else contextlib.nullcontext():
+    opt_plain, opt_sharded = AdamS(plain, lr=0.1, fused=False), AdamS(sharded, lr=0.1, fused=bool(fused))
+    with pytest.warns(RuntimeWarning, match="Falling back") if fused == "eager" else contextlib.nullcontext():
         for _ in range(3):
             grads = [torch.randn_like(x) for x in init]
             for p, q, g in zip(plain, sharded, grads):

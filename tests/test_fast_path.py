@@ -122,7 +122,8 @@ def _compare(runs, rtol, atol):
         assert a.stride() == b.stride() and sa["exp_avg_sq"].stride() == a.stride()
 
 
-def test_fused_hmadamw_matches_for_loop_fp32():
+def test_fused_hmadamw_matches_for_loop_fp32(no_native):
+    """The Inductor kernels (what other dtypes, layouts and devices get)."""
     runs = _pair(torch.float32, HMAdamW, max_momentum_norm=5.0)
     _drive(runs, 2, torch.float32)  # compiles here
     with torch._dynamo.config.patch(error_on_recompile=True):  # new lr, clip coefficient, step count
@@ -130,6 +131,19 @@ def test_fused_hmadamw_matches_for_loop_fp32():
     _compare(runs, rtol=1e-5, atol=1e-6)
     sizes = {key[0] for key in hmadam_module._HMADAM_FAST._keys}
     assert sizes == {True, False}  # both the single-threaded (small) and parallel kernels ran
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_hmadamw_matches_for_loop_fp32(threads, native_calls):
+    """Contiguous float32 CPU tensors in one native call (3 threads: shares that start and end
+    inside tensors); the channels_last one is left to the compiled kernel."""
+    torch.set_num_threads(threads)  # conftest restores it
+    runs = _pair(torch.float32, HMAdamW, max_momentum_norm=5.0)
+    _drive(runs, 6, torch.float32)
+    _compare(runs, rtol=1e-5, atol=1e-6)
+    # two param groups, one call each per step: the channels_last tensor is in the first
+    assert set(native_calls) == {("lowmem_hmadam_f32", 3, 1), ("lowmem_hmadam_f32", 4, 0)}
+    assert runs[0][0][0]._version == 6  # autograd saw each step's in-place write
 
 
 @pytest.mark.slow

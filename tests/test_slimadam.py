@@ -464,12 +464,6 @@ def _assert_runs_close(a, b):
             torch.testing.assert_close(a[1].state[p][key], b[1].state[q][key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def no_native(monkeypatch):
-    """Compressed float32 tensors take the compiled (Inductor) kernel instead of the native one."""
-    monkeypatch.setattr(_native, "library", lambda: None)
-
-
 NATIVE_CASES = FAST_CASES + [((3, 700), (0,)), ((700, 3), (1,)), ((2, 2), (0,)), ((129, 257), (0,))]
 
 

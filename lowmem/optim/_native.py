@@ -21,20 +21,33 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.autograd.graph import increment_version
 
-__all__ = ["check_status", "int64_array", "library", "native_ok", "pointer_array"]
+from lowmem.optim._fast import local_tensor
+
+__all__ = ["ELEMENTWISE", "check_status", "elementwise", "int64_array", "library", "native_ok", "pointer_array"]
 
 SOURCE = Path(__file__).with_name("_native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _SCALARS = [ctypes.c_float] * 7  # decay, 1-b1, b2, 1-b2, step size, sqrt(1-b2^t), eps
+# Element-wise kernels over many tensors: name -> (tensor lists, scalar names in argument order);
+# each scalar name is a key of the scalars dict the optimizer passes to its Inductor kernel.
+ELEMENTWISE = {
+    "lowmem_hmadam_f32": (3, ("clip_coef", "l2", "one_minus_beta1", "beta2", "v_scale", "param_decay", "step_size",
+                              "inv_bias_correction2_sqrt", "eps", "beta1")),
+    "lowmem_adams_f32": (3, ("param_decay", "old_m_weight", "one_minus_beta2", "one_minus_beta1", "step_size", "eps")),
+}  # fmt: skip
 _SIGNATURES = {
     "lowmem_slim_rows_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
     "lowmem_slim_cols_multi_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 2,
                                    *[ctypes.POINTER(ctypes.c_void_p)] * 4, *_SCALARS, ctypes.c_int],
+    **{name: [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * lists,
+              *[ctypes.c_float] * len(names), ctypes.c_int] for name, (lists, names) in ELEMENTWISE.items()},
 }  # fmt: skip
 
 _library: ctypes.CDLL | None = None
@@ -122,3 +135,26 @@ def check_status(status: int, who: str) -> None:
     """Turn a kernel's non-zero status (its scratch allocation failed) into a MemoryError."""
     if status != 0:
         raise MemoryError(f"{who}: the native kernel could not allocate its scratch memory (column sums)")
+
+
+def elementwise(name: str, tensor_lists: Sequence[Sequence[torch.Tensor]], scalars: Mapping[str, Any]) -> list[int]:
+    """Run the element-wise kernel ``name`` (see :data:`ELEMENTWISE`) in one call over every index
+    whose tensors it takes (:func:`native_ok`; DTensors by their local shards); return the other
+    indices, for the caller's compiled or for-loop path (all of them if the library is unavailable).
+    """
+    locals_ = [[local_tensor(t) for t in tensors] for tensors in tensor_lists]
+    indices = range(len(locals_[0]))
+    ok = [i for i in indices if native_ok(*(tensors[i] for tensors in locals_))]
+    lib = library() if ok else None
+    if lib is None:
+        return list(indices)
+    _, names = ELEMENTWISE[name]
+    values = [float(scalars[key]) for key in names]
+    status = getattr(lib, name)(len(ok), int64_array(locals_[0][i].numel() for i in ok),
+                                *(pointer_array(tensors[i] for i in ok) for tensors in locals_), *values,
+                                torch.get_num_threads())  # fmt: skip
+    check_status(status, name)
+    # written through raw pointers: tell autograd, as an in-place op would
+    increment_version([tensors[i] for tensors in locals_ for i in ok])
+    done = set(ok)
+    return [i for i in indices if i not in done]

@@ -155,3 +155,67 @@ int lowmem_slim_cols_multi_f32(int n, const int64_t *R, const int64_t *C, float 
     free(denom);
     return 0;
 }
+
+/* ---- element-wise steps over many tensors, no barrier ------------------------------------------
+ * The tensors of a call are one concatenated range of elements split evenly across the threads
+ * (a thread's share may start in one tensor and end in another), so the whole step is one
+ * parallel region with no barrier in it: torch's fused AdamW opens a region per tensor.
+ * FOR_EACH_SHARE runs BODY(i, lo, hi) for every piece [lo, hi) of tensor i in this thread's share.
+ */
+#define FOR_EACH_SHARE(n, numel, threads, BODY)                                                         \
+    do {                                                                                                \
+        int64_t total = 0;                                                                              \
+        for (int i = 0; i < (n); i++) total += (numel)[i];                                             \
+        _Pragma("omp parallel num_threads(threads)") {                                                  \
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();                        \
+            const int64_t begin = total * t / nt, end = total * (t + 1) / nt;                          \
+            int64_t offset = 0;                                                                         \
+            for (int i = 0; i < (n) && offset < end; offset += (numel)[i], i++) {                       \
+                const int64_t lo = begin > offset ? begin - offset : 0;                                 \
+                const int64_t hi = end - offset < (numel)[i] ? end - offset : (numel)[i];              \
+                if (lo < hi) BODY(i, lo, hi);                                                           \
+            }                                                                                           \
+        }                                                                                               \
+    } while (0)
+
+/* HMAdam(W), lowmem.optim.hmadam._hmadam_kernel: w, the momentum buffer b (.grad) and v. */
+#define HMADAM_BODY(i, lo, hi)                                                                          \
+    do {                                                                                                \
+        float *restrict wi = w[i], *restrict bi = b[i], *restrict vi = v[i];                           \
+        _Pragma("omp simd") for (int64_t k = lo; k < hi; k++) {                                         \
+            const float bk = bi[k] * clip_coef + l2 * wi[k];                                            \
+            const float mk = one_minus_beta1 * bk;                                                      \
+            const float vk = beta2 * vi[k] + v_scale * mk * mk;                                         \
+            wi[k] = wi[k] * param_decay - step_size * mk / (sqrtf(vk) * inv_bias_correction2_sqrt + eps); \
+            vi[k] = vk;                                                                                 \
+            bi[k] = beta1 * bk;                                                                         \
+        }                                                                                               \
+    } while (0)
+
+int lowmem_hmadam_f32(int n, const int64_t *numel, float **w, float **b, float **v, float clip_coef, float l2,
+                      float one_minus_beta1, float beta2, float v_scale, float param_decay, float step_size,
+                      float inv_bias_correction2_sqrt, float eps, float beta1, int threads) {
+    FOR_EACH_SHARE(n, numel, threads, HMADAM_BODY);
+    return 0;
+}
+
+/* AdamS, lowmem.optim.adams._adams_kernel: w, g and m (the denominator uses the old m). */
+#define ADAMS_BODY(i, lo, hi)                                                                           \
+    do {                                                                                                \
+        float *restrict wi = w[i], *restrict mi = m[i];                                                 \
+        const float *restrict gi = g[i];                                                                \
+        _Pragma("omp simd") for (int64_t k = lo; k < hi; k++) {                                         \
+            const float gk = gi[k], mk = mi[k];                                                         \
+            const float denom = sqrtf(old_m_weight * mk * mk + one_minus_beta2 * gk * gk) + eps;        \
+            const float mn = mk + one_minus_beta1 * (gk - mk);                                          \
+            mi[k] = mn;                                                                                 \
+            wi[k] = wi[k] * param_decay - step_size * mn / denom;                                       \
+        }                                                                                               \
+    } while (0)
+
+int lowmem_adams_f32(int n, const int64_t *numel, float **w, float **g, float **m, float param_decay,
+                     float old_m_weight, float one_minus_beta2, float one_minus_beta1, float step_size, float eps,
+                     int threads) {
+    FOR_EACH_SHARE(n, numel, threads, ADAMS_BODY);
+    return 0;
+}

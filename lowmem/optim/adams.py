@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim import _native
 from lowmem.optim._fast import FusedForeach, check_fused, use_fast_path
 
 __all__ = ["AdamS", "adams"]
@@ -235,14 +236,15 @@ def _fused_adams(
         by_step.setdefault(step_t.item(), []).append(i)
     for step, indices in by_step.items():
         bc1 = 1.0 - beta1**step
-        _ADAMS_FAST(
-            [[params[i] for i in indices], [grads[i] for i in indices], [exp_avgs[i] for i in indices]],
-            scalars={
-                "param_decay": 1.0 - lr * weight_decay,
-                "old_m_weight": beta2 / bc1**2,
-                "one_minus_beta2": 1.0 - beta2,
-                "one_minus_beta1": 1.0 - beta1,
-                "step_size": lr / bc1,
-                "eps": eps,
-            },
-        )
+        scalars = {
+            "param_decay": 1.0 - lr * weight_decay,
+            "old_m_weight": beta2 / bc1**2,
+            "one_minus_beta2": 1.0 - beta2,
+            "one_minus_beta1": 1.0 - beta1,
+            "step_size": lr / bc1,
+            "eps": eps,
+        }
+        lists = [[params[i] for i in indices], [grads[i] for i in indices], [exp_avgs[i] for i in indices]]
+        rest = _native.elementwise("lowmem_adams_f32", lists, scalars)  # float32 CPU tensors
+        if rest:
+            _ADAMS_FAST([[tensors[i] for i in rest] for tensors in lists], scalars=scalars)

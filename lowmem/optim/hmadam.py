@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim import _native
 from lowmem.optim._fast import FusedForeach, check_fused, local_tensor, use_fast_path
 
 __all__ = ["HMAdam", "HMAdamW", "hmadam", "variance_scale"]
@@ -518,18 +519,19 @@ def _fused_hmadam(
     for i, step in enumerate(torch.stack(state_steps).tolist()):
         by_step.setdefault(step, []).append(i)
     for step, indices in by_step.items():
-        _HMADAM_FAST(
-            [[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]],
-            scalars={
-                "clip_coef": 1.0 if clip_coef is None else clip_coef,
-                "l2": 0.0 if decoupled else weight_decay,
-                "one_minus_beta1": 1 - beta1,
-                "beta2": beta2,
-                "v_scale": (1 - beta2) * variance_scale(variance_correction, beta1, step),
-                "param_decay": 1 - lr * weight_decay if decoupled else 1.0,
-                "step_size": lr / (1 - beta1**step),
-                "inv_bias_correction2_sqrt": 1 / math.sqrt(1 - beta2**step),
-                "eps": eps,
-                "beta1": beta1,
-            },
-        )
+        scalars = {
+            "clip_coef": 1.0 if clip_coef is None else clip_coef,
+            "l2": 0.0 if decoupled else weight_decay,
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "v_scale": (1 - beta2) * variance_scale(variance_correction, beta1, step),
+            "param_decay": 1 - lr * weight_decay if decoupled else 1.0,
+            "step_size": lr / (1 - beta1**step),
+            "inv_bias_correction2_sqrt": 1 / math.sqrt(1 - beta2**step),
+            "eps": eps,
+            "beta1": beta1,
+        }
+        lists = [[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]]
+        rest = _native.elementwise("lowmem_hmadam_f32", lists, scalars)  # float32 CPU tensors
+        if rest:
+            _HMADAM_FAST([[tensors[i] for i in rest] for tensors in lists], scalars=scalars)
