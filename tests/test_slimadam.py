@@ -468,16 +468,17 @@ NATIVE_CASES = FAST_CASES + [((3, 700), (0,)), ((700, 3), (1,)), ((2, 2), (0,)),
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_fused_matches_for_loop(threads):
-    """Element-wise tensors compiled (~10 s the first time), compressed ones in the native kernels
-    (3 threads: rows split unevenly, column sums combined across threads)."""
+def test_fused_matches_for_loop(threads, native_calls):
+    """Every case through the native kernels (3 threads: rows and element ranges split unevenly,
+    column sums combined across threads)."""
     torch.set_num_threads(threads)  # conftest restores it
     _assert_runs_close(_run(True, NATIVE_CASES), _run(False, NATIVE_CASES))
+    assert {name for name, _, left in native_calls if left == 0} == {"lowmem_adamw_f32"}  # uncompressed ones
 
 
-def test_compiled_reduced_kernel_matches_for_loop(no_native):
-    """The Inductor kernels for compressed tensors (dtypes and devices the native ones do not
-    take): two compiles, row- and column-reduced."""
+def test_compiled_kernels_match_for_loop(no_native):
+    """The Inductor kernels (dtypes and devices the native ones do not take): element-wise, row-
+    and column-reduced."""
     _assert_runs_close(_run(True, FAST_CASES), _run(False, FAST_CASES))
 
 

@@ -1,12 +1,21 @@
 """Hand-written CPU kernels (``_native_kernels.c``), compiled on first use and called via ctypes.
 
-For the cases Inductor does not generate well: SlimAdamW's column-compressed tensors, whose
-reduction Inductor walks column strip by column strip (see the C file). The library is built with
-the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``), ``-O3 -march=native -fopenmp``,
-into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``), keyed by a hash of the source, the
-flags, the compiler's version and this CPU's feature flags; later processes load the cached
-file (first build: ~1 s). It links the ``libgomp.so.1`` torch has already loaded, so its threads
-are torch's OpenMP pool (``torch.get_num_threads()`` of them).
+The fast path of HMAdam(W), AdamS and SlimAdamW for float32 contiguous CPU tensors (other dtypes,
+layouts and devices take their ``torch.compile``'d kernels). Two reasons, both measured at 50M
+parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core CPU:
+
+- element-wise steps: one call and one parallel region for all tensors of a step, split as one
+  range of elements with no barrier (torch's fused AdamW opens a region per tensor; a compiled
+  call costs ~60 us of guards and wrappers). HMAdamW 0.74x and AdamS 0.65x, against 0.90x and
+  0.78x for the Inductor kernels;
+- SlimAdamW's column-compressed tensors, whose reduction Inductor walks column strip by strip
+  (1.63x; the C kernel 0.93x).
+
+The library is built with the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``),
+``-O3 -march=native -fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``), keyed by
+a hash of the source, the flags, the compiler's version and this CPU's feature flags; later
+processes load the cached file (first build: ~1 s). It links the ``libgomp.so.1`` torch has
+already loaded, so its threads are torch's OpenMP pool (``torch.get_num_threads()`` of them).
 
 If no compiler works, :func:`library` warns once and returns ``None``; callers then use their
 compiled (Inductor) or for-loop path.
@@ -41,6 +50,8 @@ ELEMENTWISE = {
     "lowmem_hmadam_f32": (3, ("clip_coef", "l2", "one_minus_beta1", "beta2", "v_scale", "param_decay", "step_size",
                               "inv_bias_correction2_sqrt", "eps", "beta1")),
     "lowmem_adams_f32": (3, ("param_decay", "old_m_weight", "one_minus_beta2", "one_minus_beta1", "step_size", "eps")),
+    "lowmem_adamw_f32": (4, ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
+                             "bias_correction2_sqrt", "eps")),
 }  # fmt: skip
 _SIGNATURES = {
     "lowmem_slim_rows_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
@@ -101,8 +112,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _failed = True
         warnings.warn(
-            f"lowmem: the native CPU kernels could not be built or loaded ({err}); SlimAdamW's compressed "
-            "tensors use the torch.compile'd kernel instead (slower for column-compressed tensors).",
+            f"lowmem: the native CPU kernels could not be built or loaded ({err}); the fast paths of HMAdamW, "
+            "AdamS and SlimAdamW use their torch.compile'd kernels instead (slower).",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -1,6 +1,11 @@
-/* Hand-written CPU kernels for SlimAdamW's compressed tensors (float32, contiguous).
+/* Hand-written CPU kernels for float32 contiguous tensors: the fast path of HMAdam(W), AdamS and
+ * SlimAdamW on CPU (lowmem.optim._native compiles and loads this file). Each kernel does the maths
+ * of its optimizer's Inductor kernel, operation for operation, in float32.
  *
- * A parameter is seen as an (R, C) row-major matrix whose second moment v is averaged over its
+ * Element-wise steps (HMAdam(W), AdamS, SlimAdamW's uncompressed tensors): all tensors of a call
+ * in one parallel region without barriers (see FOR_EACH_SHARE at the end).
+ *
+ * SlimAdamW's compressed tensors: a parameter is seen as an (R, C) row-major matrix whose second moment v is averaged over its
  * columns ("rows" kernel: v has R entries) or over its rows ("cols" kernel: v has C entries):
  *
  *     m = m + (1 - b1) (g - m)
@@ -217,5 +222,27 @@ int lowmem_adams_f32(int n, const int64_t *numel, float **w, float **g, float **
                      float old_m_weight, float one_minus_beta2, float one_minus_beta1, float step_size, float eps,
                      int threads) {
     FOR_EACH_SHARE(n, numel, threads, ADAMS_BODY);
+    return 0;
+}
+
+/* AdamW (SlimAdamW's uncompressed tensors), lowmem.optim.slimadam._adamw_kernel: w, g, m and v. */
+#define ADAMW_BODY(i, lo, hi)                                                                           \
+    do {                                                                                                \
+        float *restrict wi = w[i], *restrict mi = m[i], *restrict vi = v[i];                           \
+        const float *restrict gi = g[i];                                                                \
+        _Pragma("omp simd") for (int64_t k = lo; k < hi; k++) {                                         \
+            const float gk = gi[k];                                                                     \
+            const float vk = beta2 * vi[k] + one_minus_beta2 * (gk * gk);                               \
+            const float mk = mi[k] + one_minus_beta1 * (gk - mi[k]);                                    \
+            vi[k] = vk;                                                                                 \
+            mi[k] = mk;                                                                                 \
+            wi[k] = wi[k] * param_decay - step_size * mk / (sqrtf(vk) / bias_correction2_sqrt + eps);   \
+        }                                                                                               \
+    } while (0)
+
+int lowmem_adamw_f32(int n, const int64_t *numel, float **w, float **g, float **m, float **v, float param_decay,
+                     float one_minus_beta1, float beta2, float one_minus_beta2, float step_size,
+                     float bias_correction2_sqrt, float eps, int threads) {
+    FOR_EACH_SHARE(n, numel, threads, ADAMW_BODY);
     return 0;
 }

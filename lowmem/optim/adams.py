@@ -57,7 +57,9 @@ class AdamS(LowMemOptimizer):
         weight_decay: decoupled weight decay, applied to every parameter of the group (default
             0.1; use :func:`lowmem.optim.weight_decay_param_groups` to spare norms and biases).
             Unlike the official code, the constructor value is kept in ``defaults``.
-        fused: run the step as one compiled function over all tensors (``lowmem.optim._fast``);
+        fused: run the step as one fused kernel over all tensors: hand-written C for float32
+            contiguous CPU tensors (``lowmem.optim._native``), else ``torch.compile``'d
+            (``lowmem.optim._fast``);
             ``None`` picks it automatically for large models when ``torch.compile`` works.
         state_in_param_dtype: keep ``exp_avg`` in the dtype of bf16/fp16 parameters instead of
             fp32 (halves the state again, at the cost of precision).
