@@ -45,7 +45,7 @@ def _with(strategy: strategies.OptimizerStrategy, **extra: Any) -> Builder:
 def optimizer_builders(fast: bool = True) -> dict[str, Builder]:
     """Name -> builder for every optimizer the benchmarks compare, with the strategies' defaults.
 
-    ``fast`` selects the compiled fast path (``fused=True``) of HMAdamW, AdamS and SlimAdamW;
+    ``fast`` selects the fast path (``fused=True``: native or compiled kernels) of HMAdamW, AdamS and SlimAdamW;
     ``False`` runs their for-loop reference (what ``--quick`` uses: no compile).
     The baseline of every ratio is ``"AdamW (fused)"``: ``torch.optim.AdamW(fused=True)``.
     """

@@ -8,7 +8,7 @@ optimizer on each model family's config.
     python -m benchmarks.speed --sizes --families lm            # throughput of the lm configs only
 
 Step time: for each size and optimizer, a fresh model (same seed), the first step timed alone
-(state allocation and, for the fast paths, the ``torch.compile`` start-up), then ``--warmup``
+(state allocation and, for the fast paths, the native build or ``torch.compile`` start-up), then ``--warmup``
 untimed and ``--repeats`` timed *rounds*. A round is: a backward pass of the optimizer's model
 (a small batch, untimed), ``step()`` of fused AdamW on its own copy of the model and ``step()``
 of the optimizer (alternating which goes first), ``zero_grad()`` (untimed: free for AdamW's
@@ -22,8 +22,9 @@ from ``state_bytes`` of the same optimizer, divided by the bandwidth probed in t
 (best of an in-place scale and an in-place addcmul on 256 MiB). Per fp32 parameter: AdamW 28 B,
 HMAdamW 24 B, AdamS 20 B, SlimAdamW ~20 B.
 
-The compile cache of Inductor is pointed at a fresh temporary directory (unless
-``--warm-compile-cache``), so the start-up figure is the cold cost a first use pays.
+The compile caches of Inductor and of the native kernels (``lowmem.optim._native``, built once
+per process: the first optimizer to use them pays it) are pointed at fresh temporary directories
+(unless ``--warm-compile-cache``), so the start-up figure is the cold cost a first use pays.
 """
 
 from __future__ import annotations
@@ -337,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse(argv)
     if not args.warm_cache and not args.quick:  # --quick compiles nothing
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lowmem-bench-inductor-")
+        os.environ["LOWMEM_CACHE_DIR"] = tempfile.mkdtemp(prefix="lowmem-bench-native-")
     texts = []
     if args.sizes:
         load_before, results = load_average(), {}
