@@ -55,8 +55,7 @@ ELEMENTWISE = {
 }  # fmt: skip
 _SIGNATURES = {
     "lowmem_slim_rows_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
-    "lowmem_slim_cols_multi_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 2,
-                                   *[ctypes.POINTER(ctypes.c_void_p)] * 4, *_SCALARS, ctypes.c_int],
+    "lowmem_slim_cols_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
     **{name: [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * lists,
               *[ctypes.c_float] * len(names), ctypes.c_int] for name, (lists, names) in ELEMENTWISE.items()},
 }  # fmt: skip

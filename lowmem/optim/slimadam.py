@@ -286,9 +286,8 @@ def _slimadamw_one(
 # through lowmem.optim._fast. A compressed tensor is seen as an (R, C) matrix reduced over C
 # ("rows") or over R ("cols"):
 # - float32 on CPU: the hand-written kernels of _native_kernels.c (rows: one pass, 20 B/param;
-#   cols: two row-contiguous passes, pipelined across tensors). Measured at 50M parameters
-#   against fused AdamW: rows 0.76-0.84x, cols 0.92-0.95x (the Inductor kernel below: 1.18x and
-#   1.63x);
+#   cols: two row-contiguous passes). Measured at 50M parameters against fused AdamW: rows
+#   0.76-0.84x, cols 0.78-0.90x (the Inductor kernel below: 1.18x and 1.63x);
 # - other dtypes and devices: one compiled kernel per tensor (FusedForeach needs equal shapes
 #   within an index; v here is (R, 1) or (1, C)). Inductor makes it two loops, the reduction of
 #   g^2 and then the update, and walks a column reduction strip by strip down all rows.
@@ -421,25 +420,17 @@ def _matrix_view(shape: torch.Size, dims: tuple[int, ...]) -> tuple[int, int, bo
 
 def _run_native(items: list[tuple[Tensor, Tensor, Tensor, Tensor, int, int, bool]], scalars: dict) -> bool:
     """Compressed float32 CPU tensors ``(p, g, m, v, R, C, rows)`` through the hand-written
-    kernels (``_native``): each row-reduced one alone, the column-reduced ones in one pipelined
-    call. False if the library is unavailable (the caller then uses the compiled kernel)."""
+    kernels (``_native``), one call each. False if the library is unavailable (the caller then
+    uses the compiled kernel)."""
     lib = _native.library()
     if lib is None:
         return False
     hparams = [scalars[k] for k in ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
                                     "bias_correction2_sqrt", "eps")]  # fmt: skip
     threads = torch.get_num_threads()
-    cols = [item for item in items if not item[6]]
     for p, g, m, v, r, c, rows in items:
-        if rows:
-            status = lib.lowmem_slim_rows_f32(r, c, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                                              *hparams, threads)  # fmt: skip
-            _native.check_status(status, "SlimAdamW")
-    if cols:
-        status = lib.lowmem_slim_cols_multi_f32(len(cols), _native.int64_array(item[4] for item in cols),
-                                                _native.int64_array(item[5] for item in cols),
-                                                *(_native.pointer_array(item[k] for item in cols) for k in range(4)),
-                                                *hparams, threads)  # fmt: skip
+        kernel = lib.lowmem_slim_rows_f32 if rows else lib.lowmem_slim_cols_f32
+        status = kernel(r, c, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), *hparams, threads)
         _native.check_status(status, "SlimAdamW")
     # written through raw pointers: tell autograd, as an in-place op would
     increment_version([t for item in items for t in (item[0], item[2], item[3])])
