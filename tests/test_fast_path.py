@@ -16,7 +16,7 @@ from torch import nn
 
 import lowmem.optim._fast as fast
 import lowmem.optim.hmadam as hmadam_module
-from lowmem.optim import HMAdam, HMAdamW
+from lowmem.optim import AdamS, HMAdam, HMAdamW, SlimAdamW
 from lowmem.optim._fast import FusedForeach, flat_views
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
@@ -160,3 +160,14 @@ def test_fused_hmadamw_bf16():
     # The for-loop rounds W to bf16 after the decay and again after the update; the kernel once.
     _compare(runs, rtol=2e-2, atol=2e-2)
     assert runs[0][1].state[runs[0][0][0]]["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("opt_cls", [HMAdamW, AdamS, SlimAdamW])
+def test_fused_step_with_a_group_without_gradients(opt_cls):
+    """A frozen group (every .grad None) is skipped by the fast path, as by the for-loop."""
+    frozen, trained = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+    trained.grad = torch.ones(4, 3)
+    opt = opt_cls([{"params": [frozen]}, {"params": [trained]}], lr=0.1, fused=True)
+    opt.step()
+    assert torch.equal(frozen, torch.ones(4, 3)) and frozen not in opt.state
+    assert not torch.equal(trained, torch.ones(4, 3))

@@ -121,12 +121,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def native_ok(*tensors: torch.Tensor) -> bool:
     """Whether the native kernels can take these tensors: plain contiguous float32 CPU tensors."""
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and type(t) in (torch.Tensor, torch.nn.Parameter)
-        for t in tensors
-    )
+    for t in tensors:  # cheapest tests first: this runs for every tensor of every step
+        if t.dtype is not torch.float32 or type(t) not in _PLAIN or not t.is_cpu or not t.is_contiguous():
+            return False
+    return True
 
 
 def int64_array(values: Iterable[int]) -> ctypes.Array:

@@ -232,10 +232,12 @@ def _fused_adams(
     eps: float,
     weight_decay: float,
 ) -> None:
+    if not params:  # a group whose parameters all have no gradient
+        return
+    torch._foreach_add_(state_steps, 1.0)
     by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
-    for i, step_t in enumerate(state_steps):
-        step_t += 1
-        by_step.setdefault(step_t.item(), []).append(i)
+    for i, step in enumerate(torch.stack(state_steps).tolist()):
+        by_step.setdefault(step, []).append(i)
     for step, indices in by_step.items():
         bc1 = 1.0 - beta1**step
         scalars = {

@@ -516,6 +516,8 @@ def _fused_hmadam(
     params, grads, exp_avg_sqs, state_steps, *, clip_coef, lr, beta1, beta2, eps, weight_decay, variance_correction,
     decoupled,
 ) -> None:  # fmt: skip
+    if not params:  # a group whose parameters all have no gradient
+        return
     torch._foreach_add_(state_steps, 1.0)
     by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
     for i, step in enumerate(torch.stack(state_steps).tolist()):

@@ -445,12 +445,14 @@ def _fused_slimadamw(
     state_steps: list[Tensor],
     **hparams: Any,
 ) -> None:
+    if not params:  # a group whose parameters all have no gradient
+        return
     compress_dims, lr, weight_decay = hparams["compress_dims"], hparams["lr"], hparams["weight_decay"]
     beta1, beta2, eps = hparams["beta1"], hparams["beta2"], hparams["eps"]
+    torch._foreach_add_(state_steps, 1.0)
     by_step: dict[float, list[int]] = {}  # bias corrections differ per step count
-    for i, step_t in enumerate(state_steps):
-        step_t += 1
-        by_step.setdefault(step_t.item(), []).append(i)
+    for i, step in enumerate(torch.stack(state_steps).tolist()):
+        by_step.setdefault(step, []).append(i)
     for step, indices in by_step.items():
         scalars = {
             "param_decay": 1.0 - lr * weight_decay,
