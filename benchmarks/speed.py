@@ -18,9 +18,11 @@ shared machine slows both sides of a ratio alike.
 
 Floor: the bytes a step must move if it reads every tensor it uses once and writes every tensor
 it updates once, ``2 params + grads + 2 state (+ the momentum buffer written back by HMAdamW)``,
-from ``state_bytes`` of the same optimizer, divided by the bandwidth probed in the same round
-(best of an in-place scale and an in-place addcmul on 256 MiB). Per fp32 parameter: AdamW 28 B,
-HMAdamW 24 B, AdamS 20 B, SlimAdamW ~20 B.
+from ``state_bytes`` of the same optimizer (plus, for SlimAdamW, the momentum of its
+column-compressed tensors read a second time: see ``reread_bytes``), divided by the bandwidth
+probed in the same round (best of an in-place scale and an in-place addcmul on 256 MiB). Per fp32
+parameter: AdamW 28 B, HMAdamW 24 B, AdamS 20 B, SlimAdamW 20-24 B (24 B when every tensor is
+column-compressed, as in the MLP stacks).
 
 The compile caches of Inductor and of the native kernels (``lowmem.optim._native``, built once
 per process: the first optimizer to use them pays it) are pointed at fresh temporary directories
@@ -48,7 +50,7 @@ from torch import nn
 from benchmarks.common import BASELINE, CONFIG_OPTIMIZERS, CONFIGS, DOCS, FAMILIES, MLPStack, count_params, gpt2_small
 from benchmarks.common import load_average, load_config, log, markdown_table, measure_bandwidth, optimizer_builders
 from benchmarks.common import section_header, write_section
-from lowmem.optim import state_bytes
+from lowmem.optim import SlimAdamW, state_bytes
 
 __all__ = ["main", "step_times", "throughput"]
 
@@ -103,8 +105,29 @@ def bandwidth_probe(mib: int) -> Callable[[], float]:
 
 
 def floor_bytes(row: dict) -> int:
-    """Bytes moved by a step that reads each tensor once and writes each updated tensor once."""
-    return 2 * row["params"] + row["grads"] + 2 * row["state"] + row["grad_buffers"]
+    """Bytes moved by a step that reads each tensor once and writes each updated tensor once,
+    plus the tensors an exact step must read twice (``reread_bytes``)."""
+    return 2 * row["params"] + row["grads"] + 2 * row["state"] + row["grad_buffers"] + row.get("reread", 0)
+
+
+def reread_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes an exact step must read a second time, beyond the read-once floor.
+
+    SlimAdamW's tensors compressed over dims that exclude the last one (e.g. ``(0,)`` on a
+    Linear weight: one ``v`` per input column, the MLP rule) need ``mean_K(g^2)`` over every row
+    before any element can be updated: two passes, so one parameter-sized tensor (its momentum,
+    or its gradient) is read twice when the tensor does not fit in cache. Reductions over the
+    trailing dims are done row by row in one pass. Every other optimizer here: 0.
+    """
+    if not isinstance(optimizer, SlimAdamW):
+        return 0
+    total = 0
+    for group in optimizer.param_groups:
+        dims = group["compress_dims"]
+        for p in group["params"]:
+            if dims is not None and p.dim() - 1 not in {d % p.dim() for d in dims}:
+                total += p.numel() * optimizer.state[p]["exp_avg"].element_size()
+    return total
 
 
 def _summary(name: str, times: list[float], base: list[float], bandwidth: list[float], first: float,
@@ -147,7 +170,7 @@ def step_times(size: str, names: Sequence[str], fast: bool, repeats: int, warmup
         optimizer = builders[name](model)
         _backward(model, loss_fn)
         first = _timed(optimizer.step)
-        sizes = state_bytes(optimizer)  # grads still present: what the step read
+        sizes = {**state_bytes(optimizer), "reread": reread_bytes(optimizer)}  # grads still present: what the step read
         optimizer.zero_grad()
         times, base, bandwidth = [], [], []
         for i in range(warmup + repeats):

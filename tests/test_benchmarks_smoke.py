@@ -62,3 +62,23 @@ def test_quality_benchmark_runs(tmp_path):
     figure = tmp_path / "figures" / "quality_cnn.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](figures/quality_cnn.png)" in section
+
+
+def test_floor_counts_the_second_read_of_column_compressed_tensors():
+    import torch
+
+    from lowmem.optim import HMAdamW, SlimAdamW
+
+    def opt(cls, **group):
+        params = [torch.nn.Parameter(torch.zeros(6, 4)) for _ in range(3)]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer = cls([{"params": params, **group}])
+        optimizer.step()
+        return optimizer
+
+    per_tensor = 6 * 4 * 4  # fp32 momentum of one (6, 4) weight
+    assert speed.reread_bytes(opt(SlimAdamW, compress_dims=(0,))) == 3 * per_tensor  # per input column: 2 passes
+    assert speed.reread_bytes(opt(SlimAdamW, compress_dims=(1,))) == 0  # per output row: one pass
+    assert speed.reread_bytes(opt(SlimAdamW, compress_dims=None)) == 0
+    assert speed.reread_bytes(opt(HMAdamW)) == 0
