@@ -506,7 +506,7 @@ def test_native_build_failure_warns_once_and_uses_the_compiled_kernel(monkeypatc
     with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built") as caught:
         fused = _run(True, compressed)
         _run(True, compressed)
-    assert len(caught) == 1
+    assert sum("native CPU kernels" in str(w.message) for w in caught) == 1
     _assert_runs_close(fused, _run(False, compressed))
 
 

@@ -65,9 +65,15 @@ _failed = False
 
 
 def _cache_dir() -> Path:
+    """``$LOWMEM_CACHE_DIR``, else ``~/.cache/lowmem``, else (home not writable) a temp folder."""
     if "LOWMEM_CACHE_DIR" in os.environ:
         return Path(os.environ["LOWMEM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem"
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem"
+    try:
+        default.mkdir(parents=True, exist_ok=True)
+        return default
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"lowmem-{os.getuid()}"
 
 
 def _cpu_flags() -> str:
