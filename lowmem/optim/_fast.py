@@ -1,5 +1,8 @@
 """Fast path for element-wise optimizer steps: one ``torch.compile``'d kernel over lists of tensors.
 
+Float32 contiguous CPU tensors go to the hand-written kernels of :mod:`lowmem.optim._native`
+first (faster, no compile); this module serves the rest (bf16/fp16/fp64, other layouts, GPUs).
+
 An optimizer whose update is element-wise per parameter (HMAdamW, AdamS, ...) writes its maths
 once as a *kernel* on one parameter's tensors and hands it to :class:`FusedForeach`. Inductor fuses
 the kernel into a single loop per tensor that reads each input once and writes each output once,

@@ -2,19 +2,20 @@
 
 The fast path of HMAdam(W), AdamS and SlimAdamW for float32 contiguous CPU tensors (other dtypes,
 layouts and devices take their ``torch.compile``'d kernels). Two reasons, both measured at 50M
-parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core CPU:
+parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core CPU, in scripts that interleave
+the two steps round by round:
 
 - element-wise steps: one call and one parallel region for all tensors of a step, split as one
   range of elements with no barrier (torch's fused AdamW opens a region per tensor; a compiled
   call costs ~60 us of guards and wrappers). HMAdamW 0.74x and AdamS 0.65x, against 0.90x and
   0.78x for the Inductor kernels;
 - SlimAdamW's column-compressed tensors, whose reduction Inductor walks column strip by strip
-  (1.63x; the C kernel 0.93x).
+  (1.63x; the C kernel 0.79-0.83x).
 
 The library is built with the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``),
 ``-O3 -march=native -fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``), keyed by
 a hash of the source, the flags, the compiler's version and this CPU's feature flags; later
-processes load the cached file (first build: ~1 s). It links the ``libgomp.so.1`` torch has
+processes load the cached file (first build and load: ~0.3 s). It links the ``libgomp.so.1`` torch has
 already loaded, so its threads are torch's OpenMP pool (``torch.get_num_threads()`` of them).
 
 If no compiler works, :func:`library` warns once and returns ``None``; callers then use their

@@ -109,7 +109,7 @@ class HMAdam(LowMemOptimizer):
             :func:`variance_scale`.
         fused: ``True`` runs the step as one fused kernel with no parameter-sized temporaries:
             hand-written C for float32 contiguous CPU tensors (``lowmem.optim._native``, built on
-            first use in ~1 s), else ``torch.compile``'d (``lowmem.optim._fast``; the first step
+            first use in ~0.3 s), else ``torch.compile``'d (``lowmem.optim._fast``; the first step
             compiles, 10-30 s on 2 CPU cores),
             ``False`` the plain for-loop (two temporaries the size of the largest parameter),
             ``None`` picks the compiled one when the optimizer holds at least 2**20 elements and
