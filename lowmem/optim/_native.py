@@ -10,7 +10,7 @@ the two steps round by round:
   call costs ~60 us of guards and wrappers). HMAdamW 0.74x and AdamS 0.65x, against 0.90x and
   0.78x for the Inductor kernels;
 - SlimAdamW's column-compressed tensors, whose reduction Inductor walks column strip by strip
-  (1.63x; the C kernel 0.79-0.83x).
+  (1.63x; the C kernel 0.79-0.92x).
 
 The library is built with the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``),
 ``-O3 -march=native -fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``), keyed by

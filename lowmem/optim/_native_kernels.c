@@ -59,9 +59,10 @@ int lowmem_slim_rows_f32(int64_t R, int64_t C, float *restrict w, const float *r
  * added in double, so the rounding error stays that of a COLS_BLOCK-term float sum. After a
  * barrier the sums give v and the C denominators; pass 2 updates W (reads W, m, writes W) over
  * the same rows per thread, which re-reads m it has just written (cached when the tensor fits).
- * Measured against a bare two-pass traffic pattern (m += 0 g; W += 0 m) this kernel is within
- * ~5%; the double-precision accumulator (10% slower) and pipelining pass 2 of one tensor with
- * pass 1 of the next (no gain) were tried and dropped.
+ * Measured in the same rounds as a bare two-pass traffic pattern (m += 0 g; W += 0 m), it is 2-12%
+ * slower; a double-precision accumulator (1-7% slower still), pipelining pass 2 of one tensor
+ * with pass 1 of the next, one parallel region for all tensors, re-reading g instead of m and a
+ * reversed pass 2 were tried and dropped (no gain or slower).
  */
 #define COLS_BLOCK 32
 

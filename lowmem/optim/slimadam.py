@@ -287,7 +287,7 @@ def _slimadamw_one(
 # ("rows") or over R ("cols"):
 # - float32 on CPU: the hand-written kernels of _native_kernels.c (rows: one pass, 20 B/param;
 #   cols: two row-contiguous passes). Measured at 50M parameters against fused AdamW: rows
-#   0.76-0.84x, cols 0.78-0.90x (the Inductor kernel below: 1.18x and 1.63x);
+#   0.76-0.84x, cols 0.79-0.92x (the Inductor kernel below: 1.18x and 1.63x);
 # - other dtypes and devices: one compiled kernel per tensor (FusedForeach needs equal shapes
 #   within an index; v here is (R, 1) or (1, C)). Inductor makes it two loops, the reduction of
 #   g^2 and then the update, and walks a column reduction strip by strip down all rows.
