@@ -48,3 +48,27 @@ def native_calls(monkeypatch):
 
     monkeypatch.setattr(_native, "elementwise", spy)
     return calls
+
+
+@pytest.fixture
+def native_kernels(monkeypatch):
+    """Count the calls of every native kernel, by name (the library is wrapped, not replaced)."""
+    import collections
+
+    from lowmem.optim import _native
+
+    real, calls = _native.library(), collections.Counter()
+    assert real is not None, "the native kernels could not be built here"
+
+    class Counting:
+        def __getattr__(self, name):
+            kernel = getattr(real, name)
+
+            def call(*args):
+                calls[name] += 1
+                return kernel(*args)
+
+            return call
+
+    monkeypatch.setattr(_native, "library", lambda: Counting())
+    return calls

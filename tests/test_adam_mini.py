@@ -297,3 +297,28 @@ def test_bf16_params_keep_fp32_state_through_a_checkpoint() -> None:
         assert opt2.state[p]["exp_avg"].dtype == opt2.state[p]["exp_avg_sq"].dtype == torch.float32
     for a, b in zip(opt.state.values(), opt2.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("layout", ["fused", "split", "conv1d"])
+def test_native_fast_path_matches_for_loop(layout: str, threads: int, native_kernels) -> None:
+    """fused=True (native row kernel on views of whole-row blocks: per head, per row, per tensor;
+    element blocks through the AdamW kernel; HF Conv1D, fan-out dim 1, stays on the for-loop)
+    against the for-loop, with every block kind of a GQA model."""
+    torch.set_num_threads(threads)  # conftest restores it
+    torch.manual_seed(0)
+    models = [GPT(layout=layout) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [AdamMini(adam_mini_param_groups(m, n_heads=4, dim=24, n_kv_heads=2), lr=1e-2, fused=fused)
+            for m, fused in zip(models, (True, False))]  # fmt: skip
+    for step in range(8):
+        random_grads(models[0], torch.Generator().manual_seed(step))
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            q.grad = p.grad.clone()
+        for opt in opts:
+            opt.step()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opts[0].state[p][key], opts[1].state[q][key], rtol=1e-5, atol=1e-7, msg=name)
+    assert native_kernels["lowmem_slim_rows_f32"] > 0 and native_kernels["lowmem_adamw_f32"] > 0

@@ -13,10 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
+from lowmem.optim import _native
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._fast import FAST_PATH_MIN_NUMEL, check_fused
 from lowmem.optim.blocks import (
-    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_shape, check_block, expand_blocks, group_params,
+    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_segments, block_shape, check_block, expand_blocks, group_params,
     head_config,
 )  # fmt: skip
 from lowmem.optim.roles import Role, classify_parameters
@@ -65,6 +68,11 @@ class AdamMini(LowMemOptimizer):
         betas: ``(b1, b2)``.
         eps: added to the bias-corrected ``sqrt(v)``.
         weight_decay: decoupled weight decay coefficient (per unit of lr).
+        fused: ``True`` steps float32 contiguous CPU tensors with the hand-written kernels of
+            :mod:`lowmem.optim._native` (a block is a run of whole rows of the fan-out dim, so the
+            SlimAdamW row kernel applies; ~0.3 s to build on first use), the rest with the
+            for-loop; ``False`` is the for-loop reference; ``None`` picks the kernels for
+            optimizers holding at least 2**20 elements.
         state_in_param_dtype: keep ``m``/``v`` in the param dtype for bf16/fp16 params.
     """
 
@@ -78,11 +86,13 @@ class AdamMini(LowMemOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
+        fused: bool | None = None,
         state_in_param_dtype: bool = False,
     ) -> None:
         check_hparams("AdamMini", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        check_fused("AdamMini", fused)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused,
             state_in_param_dtype=state_in_param_dtype, **BLOCK_DEFAULTS,
         )  # fmt: skip
         super().__init__(params, defaults)
@@ -117,14 +127,16 @@ class AdamMini(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             beta1, beta2 = group["betas"]
+            fused = group["fused"] if group["fused"] is not None else total_numel >= FAST_PATH_MIN_NUMEL
             adam_mini(
                 params, grads, exp_avgs, exp_avg_sqs, steps,
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                blocks={k: group[k] for k in BLOCK_DEFAULTS},
+                blocks={k: group[k] for k in BLOCK_DEFAULTS}, fused=fused and not torch.compiler.is_compiling(),
             )  # fmt: skip
         return loss
 
@@ -142,8 +154,15 @@ def adam_mini(
     eps: float,
     weight_decay: float,
     blocks: Mapping[str, Any],
+    fused: bool = False,
 ) -> None:
-    """Functional Adam-mini step (see :class:`AdamMini`); ``blocks`` holds the group's block keys."""
+    """Functional Adam-mini step (see :class:`AdamMini`); ``blocks`` holds the group's block keys.
+    ``fused=True`` runs the tensors the native kernels take through them, the rest as below."""
+    if fused:
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = _native_adam_mini(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, blocks=blocks,
+        )  # fmt: skip
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step_t += 1
         step = step_t.item()
@@ -159,6 +178,64 @@ def adam_mini(
             param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         else:  # low-precision param with fp32 state: compute the update in fp32, round once
             param.add_((exp_avg / denom).to(param.dtype), alpha=-lr / bias_correction1)
+
+
+def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                      blocks):  # noqa: ANN001, ANN202 - the lists of adam_mini
+    """Step the float32 contiguous CPU tensors whose blocks are runs of whole rows of dim 0 (all
+    kinds but a fan-out dim other than 0) with the native kernels; return the other tensors' lists.
+
+    A block of ``per`` rows of an (R, C) tensor is one row of the (R/per, per*C) view, so the
+    SlimAdamW row kernel (mean of g^2 over a row, then the Adam update) is exactly Adam-mini's
+    step for it; ``element`` blocks are plain AdamW (the element-wise kernel).
+    """
+    lib = _native.library()
+    if lib is None:
+        return params, grads, exp_avgs, exp_avg_sqs, state_steps
+    kind = blocks["block"]
+    rest, elements, rows = [], [], []
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        p = tensors[0]
+        if not _native.native_ok(*tensors) or p.ndim == 0:
+            rest.append(i)
+        elif kind == "element":
+            elements.append(i)
+        elif kind == "tensor" or blocks["fan_out_dim"] % p.ndim == 0:
+            rows.append(i)
+        else:
+            rest.append(i)
+    native = elements + rows
+    if not native:
+        return params, grads, exp_avgs, exp_avg_sqs, state_steps
+    torch._foreach_add_([state_steps[i] for i in native], 1.0)
+    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count
+    for i, step in zip(native, torch.stack([state_steps[i] for i in native]).tolist()):
+        by_step.setdefault(step, []).append(i)
+    threads = torch.get_num_threads()
+    for step, indices in by_step.items():
+        scalars = {
+            "param_decay": 1.0 - lr * weight_decay, "one_minus_beta1": 1.0 - beta1, "beta2": beta2,
+            "one_minus_beta2": 1.0 - beta2, "step_size": lr / (1.0 - beta1**step),
+            "bias_correction2_sqrt": math.sqrt(1.0 - beta2**step), "eps": eps,
+        }  # fmt: skip
+        ix = [i for i in indices if i in elements]
+        if ix:
+            lists = [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+            _native.elementwise("lowmem_adamw_f32", lists, scalars)  # all of them: native_ok checked
+        values = list(scalars.values())
+        for i in (i for i in indices if i in rows):
+            p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+            n_rows = 1 if kind == "tensor" else p.shape[0]
+            width, row0, block0 = p.numel() // n_rows, 0, 0
+            for seg_rows, per in [(1, 1)] if kind == "tensor" else block_segments(p.shape, blocks):
+                offset = row0 * width * 4  # bytes: float32
+                status = lib.lowmem_slim_rows_f32(seg_rows // per, per * width, p.data_ptr() + offset,
+                                                  g.data_ptr() + offset, m.data_ptr() + offset,
+                                                  v.data_ptr() + block0 * 4, *values, threads)  # fmt: skip
+                _native.check_status(status, "AdamMini")
+                row0, block0 = row0 + seg_rows, block0 + seg_rows // per
+        increment_version([t[i] for t in (params, exp_avgs, exp_avg_sqs) for i in indices if i in rows])
+    return tuple([t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps))
 
 
 def adam_mini_param_groups(

@@ -34,7 +34,7 @@ import torch
 from lowmem.optim.roles import ParamRole, Role, weight_decay_param_groups
 
 __all__ = [
-    "BLOCK_DEFAULTS", "BLOCK_KINDS", "block_keys", "block_mean_sq", "block_shape", "check_block",
+    "BLOCK_DEFAULTS", "BLOCK_KINDS", "block_keys", "block_mean_sq", "block_segments", "block_shape", "check_block",
     "expand_blocks", "group_params", "head_config", "qkv_split",
 ]  # fmt: skip
 
@@ -76,8 +76,9 @@ def qkv_split(n: int, qkv_heads: tuple[int, int]) -> tuple[int, int, int]:
     return n_q * unit, n_kv * unit, n_kv * unit
 
 
-def _segments(p_shape: torch.Size, group: dict) -> list[tuple[int, int]]:
-    """``[(fan-out indices, indices per block), ...]`` cutting the fan-out dim into blocks."""
+def block_segments(p_shape: torch.Size, group: dict) -> list[tuple[int, int]]:
+    """``[(fan-out indices, indices per block), ...]`` cutting the fan-out dim into blocks (kinds
+    ``row``, ``head`` and ``qkv``), in the order of the v state."""
     n, kind, head_dim = p_shape[group["fan_out_dim"]], group["block"], group["head_dim"]
     if kind == "row":
         return [(n, 1)]
@@ -105,7 +106,7 @@ def check_block(p: torch.Tensor, group: dict, owner: str) -> None:
         head_dim = group["head_dim"]
         if not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"{owner}: block={kind!r} needs head_dim > 0 (pass n_heads and dim to the group builder)")
-        for rows, per_block in _segments(p.shape, group):
+        for rows, per_block in block_segments(p.shape, group):
             if rows % per_block:
                 raise ValueError(
                     f"{owner}: a block={kind!r} part with {rows} fan-out indices of a parameter of shape "
@@ -128,7 +129,7 @@ def block_shape(p_shape: torch.Size, group: dict) -> tuple[int, ...]:
         return ()
     if kind == "row":
         return tuple(_row_view_shape(p_shape, group["fan_out_dim"]))
-    return (sum(rows // per for rows, per in _segments(p_shape, group)),)
+    return (sum(rows // per for rows, per in block_segments(p_shape, group)),)
 
 
 def block_mean_sq(grad: torch.Tensor, group: dict) -> torch.Tensor:
@@ -147,7 +148,7 @@ def block_mean_sq(grad: torch.Tensor, group: dict) -> torch.Tensor:
         return row_mean
     # Every row of a block has the same size, so the block mean is the mean of its row means.
     row_mean, out, start = row_mean.reshape(-1), [], 0
-    for rows, per_block in _segments(grad.shape, group):
+    for rows, per_block in block_segments(grad.shape, group):
         out.append(row_mean[start : start + rows].view(-1, per_block).mean(dim=1))
         start += rows
     return torch.cat(out)
@@ -158,7 +159,7 @@ def expand_blocks(v: torch.Tensor, p_shape: torch.Size, group: dict) -> torch.Te
     if group["block"] not in ("head", "qkv") or len(p_shape) == 0:
         return v
     parts, start = [], 0
-    for rows, per_block in _segments(p_shape, group):
+    for rows, per_block in block_segments(p_shape, group):
         n_blocks = rows // per_block
         parts.append(v[start : start + n_blocks].repeat_interleave(per_block))
         start += n_blocks

@@ -126,8 +126,8 @@ class AdamMini(OptimizerStrategy):
     optimizer_class = optim.AdamMini
 
     def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.1,
-                 role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 fused: bool | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
+        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
     def param_groups(self, module: nn.Module) -> list[dict]:
         return optim.adam_mini_param_groups(module, overrides=self.role_overrides, **_attention_shape(module))
