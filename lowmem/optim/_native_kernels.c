@@ -1,11 +1,12 @@
-/* Hand-written CPU kernels for float32 contiguous tensors: the fast path of HMAdam(W), AdamS and
- * SlimAdamW on CPU (lowmem.optim._native compiles and loads this file). Each kernel does the maths
- * of its optimizer's Inductor kernel, operation for operation, in float32.
+/* Hand-written CPU kernels for float32 contiguous tensors: the fast path of HMAdam(W), AdamS,
+ * SlimAdamW and Adam-mini on CPU (lowmem.optim._native compiles and loads this file). Each kernel
+ * does the maths of its optimizer's reference, in float32.
  *
- * Element-wise steps (HMAdam(W), AdamS, SlimAdamW's uncompressed tensors): all tensors of a call
- * in one parallel region without barriers (see FOR_EACH_SHARE at the end).
+ * Element-wise steps (HMAdam(W), AdamS, SlimAdamW's uncompressed tensors, Adam-mini's element
+ * blocks): all tensors of a call in one parallel region without barriers (FOR_EACH_SHARE, below).
  *
- * SlimAdamW's compressed tensors: a parameter is seen as an (R, C) row-major matrix whose second moment v is averaged over its
+ * SlimAdamW's compressed tensors (and Adam-mini's blocks, which are runs of whole rows): a
+ * parameter is seen as an (R, C) row-major matrix whose second moment v is averaged over its
  * columns ("rows" kernel: v has R entries) or over its rows ("cols" kernel: v has C entries):
  *
  *     m = m + (1 - b1) (g - m)
@@ -13,7 +14,7 @@
  *     W = W * decay - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
  *
  * the same maths as slimadam._adam_update (the for-loop reference and the Inductor kernel).
- * Sums of g^2 accumulate in double. Memory traffic per element:
+ * Row sums of g^2 accumulate in double (column sums: see below). Memory traffic per element:
  *
  *   rows: one pass, each row reduced while it sits in L1 and then updated: reads W, g, m and
  *         writes W, m (20 bytes), the floor of the algorithm;
@@ -28,7 +29,6 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-
 
 int lowmem_slim_rows_f32(int64_t R, int64_t C, float *restrict w, const float *restrict g, float *restrict m,
                          float *restrict v, float decay, float one_minus_beta1, float beta2, float one_minus_beta2,
