@@ -1,7 +1,7 @@
 """Hand-written CPU kernels (``_native_kernels.c``), compiled on first use and called via ctypes.
 
-The fast path of HMAdam(W), AdamS, SlimAdamW and Adam-mini for float32 contiguous CPU tensors (other dtypes,
-layouts and devices take their ``torch.compile``'d kernels). Two reasons, both measured at 50M
+The fast path of HMAdam(W), AdamS, SlimAdamW and Adam-mini for float32 contiguous CPU tensors
+(other dtypes, layouts and devices take their ``torch.compile``'d kernels or for-loops). Two reasons, both measured at 50M
 parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core CPU, in scripts that interleave
 the two steps round by round:
 
