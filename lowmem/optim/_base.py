@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["Capabilities", "LowMemOptimizer", "check_hparams", "check_grad", "restore_state_dtypes", "state_dtype_for"]
+__all__ = [
+    "Capabilities", "LowMemOptimizer", "adam_scalars", "check_hparams", "check_grad", "restore_state_dtypes",
+    "state_dtype_for", "step_groups",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,3 +128,30 @@ def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> No
             current = state.get(key)
             if torch.is_tensor(value) and torch.is_tensor(current) and value.dtype != current.dtype:
                 state[key] = value.to(device=current.device, copy=True)
+
+
+def step_groups(state_steps: list[torch.Tensor]) -> dict[float, list[int]]:
+    """Increment every step count (one foreach op) and group the indices by their new value:
+    bias corrections differ per step count, so each group is one kernel call."""
+    torch._foreach_add_(state_steps, 1.0)
+    groups: dict[float, list[int]] = {}
+    for i, step in enumerate(torch.stack(state_steps).tolist()):
+        groups.setdefault(step, []).append(i)
+    return groups
+
+
+def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float) -> dict:
+    """The scalars of a decoupled-decay Adam update at ``step`` (from 1), combined in float64 on the
+    host, for the kernels of SlimAdamW and Adam-mini::
+
+        W = W * param_decay - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
+    """
+    return {
+        "param_decay": 1.0 - lr * weight_decay,
+        "one_minus_beta1": 1.0 - beta1,
+        "beta2": beta2,
+        "one_minus_beta2": 1.0 - beta2,
+        "step_size": lr / (1.0 - beta1**step),
+        "bias_correction2_sqrt": math.sqrt(1.0 - beta2**step),
+        "eps": eps,
+    }

@@ -1,9 +1,9 @@
 """Hand-written CPU kernels (``_native_kernels.c``), compiled on first use and called via ctypes.
 
 The fast path of HMAdam(W), AdamS, SlimAdamW and Adam-mini for float32 contiguous CPU tensors
-(other dtypes, layouts and devices take their ``torch.compile``'d kernels or for-loops). Two reasons, both measured at 50M
-parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core CPU, in scripts that interleave
-the two steps round by round:
+(other dtypes, layouts and devices take their ``torch.compile``'d kernels or for-loops). Two
+reasons, both measured at 50M parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core
+CPU, in scripts that interleave the two steps round by round:
 
 - element-wise steps: one call and one parallel region for all tensors of a step, split as one
   range of elements with no barrier (torch's fused AdamW opens a region per tensor; a compiled
@@ -40,19 +40,23 @@ from torch.autograd.graph import increment_version
 
 from lowmem.optim._fast import local_tensor
 
-__all__ = ["ELEMENTWISE", "check_status", "elementwise", "int64_array", "library", "native_ok", "pointer_array"]
+__all__ = [
+    "ADAM_SCALARS", "ELEMENTWISE", "check_status", "elementwise", "int64_array", "library", "native_ok", "pointer_array",
+]  # fmt: skip
 
 SOURCE = Path(__file__).with_name("_native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-_SCALARS = [ctypes.c_float] * 7  # decay, 1-b1, b2, 1-b2, step size, sqrt(1-b2^t), eps
+# The scalar arguments of the AdamW, row and column kernels, in order (keys of _base.adam_scalars).
+ADAM_SCALARS = ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt",
+                "eps")  # fmt: skip
+_SCALARS = [ctypes.c_float] * len(ADAM_SCALARS)
 # Element-wise kernels over many tensors: name -> (tensor lists, scalar names in argument order);
 # each scalar name is a key of the scalars dict the optimizer passes to its Inductor kernel.
 ELEMENTWISE = {
     "lowmem_hmadam_f32": (3, ("clip_coef", "l2", "one_minus_beta1", "beta2", "v_scale", "param_decay", "step_size",
                               "inv_bias_correction2_sqrt", "eps", "beta1")),
     "lowmem_adams_f32": (3, ("param_decay", "old_m_weight", "one_minus_beta2", "one_minus_beta1", "step_size", "eps")),
-    "lowmem_adamw_f32": (4, ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
-                             "bias_correction2_sqrt", "eps")),
+    "lowmem_adamw_f32": (4, ADAM_SCALARS),
 }  # fmt: skip
 _SIGNATURES = {
     "lowmem_slim_rows_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
@@ -95,7 +99,8 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: concurrent processes never load a half-written file

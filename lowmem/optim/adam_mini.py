@@ -16,7 +16,9 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from lowmem.optim import _native
-from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._base import (
+    Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
+)  # fmt: skip
 from lowmem.optim._fast import FAST_PATH_MIN_NUMEL, check_fused
 from lowmem.optim.blocks import (
     BLOCK_DEFAULTS, block_keys, block_mean_sq, block_segments, block_shape, check_block, expand_blocks, group_params,
@@ -207,23 +209,17 @@ def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
     native = elements + rows
     if not native:
         return params, grads, exp_avgs, exp_avg_sqs, state_steps
-    torch._foreach_add_([state_steps[i] for i in native], 1.0)
-    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count
-    for i, step in zip(native, torch.stack([state_steps[i] for i in native]).tolist()):
-        by_step.setdefault(step, []).append(i)
-    threads = torch.get_num_threads()
-    for step, indices in by_step.items():
-        scalars = {
-            "param_decay": 1.0 - lr * weight_decay, "one_minus_beta1": 1.0 - beta1, "beta2": beta2,
-            "one_minus_beta2": 1.0 - beta2, "step_size": lr / (1.0 - beta1**step),
-            "bias_correction2_sqrt": math.sqrt(1.0 - beta2**step), "eps": eps,
-        }  # fmt: skip
-        ix = [i for i in indices if i in elements]
+    threads, element_set = torch.get_num_threads(), set(elements)
+    for step, positions in step_groups([state_steps[i] for i in native]).items():
+        indices = [native[k] for k in positions]
+        scalars = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
+        ix = [i for i in indices if i in element_set]
         if ix:
             lists = [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)]
             _native.elementwise("lowmem_adamw_f32", lists, scalars)  # all of them: native_ok checked
-        values = list(scalars.values())
-        for i in (i for i in indices if i in rows):
+        values = [scalars[k] for k in _native.ADAM_SCALARS]
+        row_ix = [i for i in indices if i not in element_set]
+        for i in row_ix:
             p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
             n_rows = 1 if kind == "tensor" else p.shape[0]
             width, row0, block0 = p.numel() // n_rows, 0, 0
@@ -234,7 +230,7 @@ def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
                                                   v.data_ptr() + block0 * 4, *values, threads)  # fmt: skip
                 _native.check_status(status, "AdamMini")
                 row0, block0 = row0 + seg_rows, block0 + seg_rows // per
-        increment_version([t[i] for t in (params, exp_avgs, exp_avg_sqs) for i in indices if i in rows])
+        increment_version([t[i] for t in (params, exp_avgs, exp_avg_sqs) for i in row_ix])
     return tuple([t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for, step_groups
 from lowmem.optim import _native
 from lowmem.optim._fast import FusedForeach, check_fused, use_fast_path
 
@@ -234,11 +234,7 @@ def _fused_adams(
 ) -> None:
     if not params:  # a group whose parameters all have no gradient
         return
-    torch._foreach_add_(state_steps, 1.0)
-    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
-    for i, step in enumerate(torch.stack(state_steps).tolist()):
-        by_step.setdefault(step, []).append(i)
-    for step, indices in by_step.items():
+    for step, indices in step_groups(state_steps).items():
         bc1 = 1.0 - beta1**step
         scalars = {
             "param_decay": 1.0 - lr * weight_decay,

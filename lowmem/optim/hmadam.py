@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for, step_groups
 from lowmem.optim import _native
 from lowmem.optim._fast import FusedForeach, check_fused, local_tensor, use_fast_path
 
@@ -518,11 +518,7 @@ def _fused_hmadam(
 ) -> None:  # fmt: skip
     if not params:  # a group whose parameters all have no gradient
         return
-    torch._foreach_add_(state_steps, 1.0)
-    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count: one call each
-    for i, step in enumerate(torch.stack(state_steps).tolist()):
-        by_step.setdefault(step, []).append(i)
-    for step, indices in by_step.items():
+    for step, indices in step_groups(state_steps).items():
         scalars = {
             "clip_coef": 1.0 if clip_coef is None else clip_coef,
             "l2": 0.0 if decoupled else weight_decay,

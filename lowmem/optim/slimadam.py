@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._base import (
+    Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
+)  # fmt: skip
 from lowmem.optim import _native
 from lowmem.optim._fast import FusedForeach, _no_duck_sizing, check_fused, compile_available, use_fast_path
 
@@ -425,8 +427,7 @@ def _run_native(items: list[tuple[Tensor, Tensor, Tensor, Tensor, int, int, bool
     lib = _native.library()
     if lib is None:
         return False
-    hparams = [scalars[k] for k in ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
-                                    "bias_correction2_sqrt", "eps")]  # fmt: skip
+    hparams = [scalars[k] for k in _native.ADAM_SCALARS]
     threads = torch.get_num_threads()
     for p, g, m, v, r, c, rows in items:
         kernel = lib.lowmem_slim_rows_f32 if rows else lib.lowmem_slim_cols_f32
@@ -449,20 +450,8 @@ def _fused_slimadamw(
         return
     compress_dims, lr, weight_decay = hparams["compress_dims"], hparams["lr"], hparams["weight_decay"]
     beta1, beta2, eps = hparams["beta1"], hparams["beta2"], hparams["eps"]
-    torch._foreach_add_(state_steps, 1.0)
-    by_step: dict[float, list[int]] = {}  # bias corrections differ per step count
-    for i, step in enumerate(torch.stack(state_steps).tolist()):
-        by_step.setdefault(step, []).append(i)
-    for step, indices in by_step.items():
-        scalars = {
-            "param_decay": 1.0 - lr * weight_decay,
-            "one_minus_beta1": 1.0 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1.0 - beta2,
-            "step_size": lr / (1.0 - beta1**step),
-            "bias_correction2_sqrt": math.sqrt(1.0 - beta2**step),
-            "eps": eps,
-        }
+    for step, indices in step_groups(state_steps).items():
+        scalars = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
         if compress_dims is None:
             for decays in (True, False):  # 1-D parameters are never decayed
                 ix = [i for i in indices if (params[i].dim() >= 2) == decays]
