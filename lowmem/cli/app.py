@@ -120,14 +120,20 @@ class LowMemCLI(LightningCLI):
         self._report("test")
 
     def _report(self, stage: str) -> None:
+        """Print the final validation/test metrics and the log folder, on global rank 0 only.
+
+        ``Trainer.log_dir`` is a collective (a broadcast from rank 0) under DDP/FSDP: every rank
+        reads it before the non-zero ranks return, or rank 0 waits on peers that have exited.
+        """
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
         if metrics:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
             print(f"lowmem {stage}: step {self.trainer.global_step}: {shown}")
-        if self.trainer.log_dir and self.trainer.logger is not None:
-            print(f"lowmem {stage}: logs in {self.trainer.log_dir}")
+        if log_dir:
+            print(f"lowmem {stage}: logs in {log_dir}")
 
 
 def main(args: ArgsType = None) -> None:
@@ -141,5 +147,26 @@ def main(args: ArgsType = None) -> None:
     try:
         LowMemCLI(args=args)
     except ConfigError as err:
+        _close_process_group(wait_for_peers=False)
         print(f"lowmem: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseException:
+        _close_process_group(wait_for_peers=False)
+        raise
+    _close_process_group(wait_for_peers=True)
+
+
+def _close_process_group(wait_for_peers: bool) -> None:
+    """Tear down the process group Lightning's DDP/FSDP strategies leave behind.
+
+    Lightning never destroys it; a process that exits with it alive aborts now and then in gloo's
+    thread destructors ("terminate called without an active exception", exit 134) after a run that
+    succeeded. After a success a barrier keeps a fast rank from tearing down while a peer still
+    communicates; after a failure there is no barrier, which a failed peer might never reach.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
+        dist.destroy_process_group()

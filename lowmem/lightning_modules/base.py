@@ -170,9 +170,13 @@ class LowMemModule(pl.LightningModule):
         loss, metrics = self.compute_loss(batch)
         train = stage == "train"
         batch_size = _batch_size(batch)
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=batch_size)
+        # Epoch-level metrics are averaged over all ranks (one all-reduce per metric per epoch);
+        # per-step training loss stays rank-local (an all-reduce per step is not worth it).
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, batch_size=batch_size,
+                 sync_dist=not train)  # fmt: skip
         for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, prog_bar=not train, batch_size=batch_size)
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, prog_bar=not train, batch_size=batch_size,
+                     sync_dist=True)  # fmt: skip
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -120,12 +120,12 @@ class DiffusionModel(LowMemModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.noise_loss(batch[0], torch.Generator(device=self.device).manual_seed(1_000_003 + batch_idx))
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0], sync_dist=True)
         return loss
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self.noise_loss(batch[0], torch.Generator(device=self.device).manual_seed(2_000_003 + batch_idx))
-        self.log("test/loss", loss, on_epoch=True, batch_size=batch[0].shape[0])
+        self.log("test/loss", loss, on_epoch=True, batch_size=batch[0].shape[0], sync_dist=True)
         return loss
 
     # --- sampling ------------------------------------------------------------------------------
@@ -145,7 +145,8 @@ class DiffusionModel(LowMemModule):
     def on_validation_epoch_end(self) -> None:
         every = self.hparams.sample_every_n_epochs
         experiment = getattr(self.logger, "experiment", None)
-        if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every or not hasattr(experiment, "add_image"):
+        if (not every or self.trainer.sanity_checking or not self.trainer.is_global_zero
+                or (self.current_epoch + 1) % every or not hasattr(experiment, "add_image")):  # fmt: skip
             return
         images = self.sample(self.hparams.n_samples, torch.Generator(device=self.device).manual_seed(7))
         experiment.add_image("samples", image_grid(images), self.global_step)

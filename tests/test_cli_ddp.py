@@ -1,0 +1,125 @@
+"""DDP through the door users use: ``lowmem fit`` started as a command with 2 ranks (gloo, CPU).
+
+For every optimizer strategy, the command with ``--trainer.devices=2 --trainer.strategy=ddp`` at
+per-rank batch B must exit 0, write one set of logs (one version folder, one event file, one
+checkpoint, one config), print its end-of-fit report once, and end where one process at the
+global batch 2B ends: the checkpointed parameters agree to float tolerance, and the synced
+``val/loss`` equals the one-process value (without ``sync_dist`` it is rank 0's half only).
+
+The one-process references run in this process through ``LowMemCLI``; the DDP runs are the
+``lowmem`` console script under ``timeout -s KILL`` (a hung Lightning rank ignores SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lowmem.cli import LowMemCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+KILL_AFTER_S = 150  # ~10 s on an idle 2-core machine
+BATCH, STEPS = 8, 6
+
+# Hyperparameters that exercise each optimizer's interesting paths within STEPS steps.
+OPTIMIZERS: dict[str, dict] = {
+    "AdamW": {"lr": 3e-3},
+    "HMAdamW": {"lr": 3e-3},
+    "HMAdam": {"lr": 3e-3, "weight_decay": 1e-2},
+    "AdamS": {"lr": 3e-3},
+    "SlimAdamW": {"lr": 3e-3},
+    "AdaPM": {"lr": 3e-3, "refresh_every": 4},
+    "IOAdam": {"lr": 1e-2, "buffer_size": 3},
+    "AdamMini": {"lr": 3e-3},
+    "Adafactor": {"lr": 1e-2},
+}
+
+
+def lowmem_command() -> list[str]:
+    """The installed ``lowmem`` console script of this interpreter's environment."""
+    script = shutil.which("lowmem", path=str(Path(sys.executable).parent))
+    assert script is not None, "the lowmem console script is not installed (pip install -e .)"
+    return [script]
+
+
+def write_config(path: Path, optimizer: str) -> Path:
+    """The shipped CNN config, shrunk to seconds, with ``optimizer``, constant lr and in-fit validation."""
+    config = yaml.safe_load((ROOT / "configs" / "cnn_adamw.yaml").read_text())
+    config["model"]["init_args"].update(widths=[4, 8])
+    del config["model"]["init_args"]["lr_scheduler"]  # full lr from step 1: the params move ~lr per step
+    config["model"]["init_args"]["optimizer"] = {
+        "class_path": f"lowmem.strategies.{optimizer}", "init_args": OPTIMIZERS[optimizer],
+    }  # fmt: skip
+    config["trainer"].update(
+        accelerator="cpu", max_steps=STEPS, val_check_interval=3, limit_val_batches=2, log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def val_losses(log_dir: Path) -> list[float]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("val/loss")]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_lowmem_fit_on_two_ranks_matches_one_process_at_the_global_batch(optimizer, tmp_path, monkeypatch):
+    config = write_config(tmp_path / "config.yaml", optimizer)
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single_dir.mkdir(), ddp_dir.mkdir()
+
+    monkeypatch.chdir(single_dir)
+    reference = LowMemCLI(args=["fit", "--config", str(config), f"--data.init_args.batch_size={2 * BATCH}"])
+    reference_params = {k: v.detach().clone() for k, v in reference.model.state_dict().items()}
+    reference_val = val_losses(Path(reference.trainer.log_dir))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [*lowmem_command(), "fit", "--config", str(config), "--trainer.devices=2", "--trainer.strategy=ddp",
+               f"--data.init_args.batch_size={BATCH}"]  # fmt: skip
+    proc = subprocess.run(["timeout", "-s", "KILL", str(KILL_AFTER_S), *command], cwd=ddp_dir, env=env,
+                          capture_output=True, text=True, start_new_session=True)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
+
+    versions = sorted((ddp_dir / "lightning_logs").iterdir())
+    assert [v.name for v in versions] == ["version_0"], versions
+    log_dir = versions[0]
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+    checkpoints = list((log_dir / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in checkpoints] == [f"epoch=0-step={STEPS}.ckpt"]
+    assert (log_dir / "config.yaml").exists()
+    assert proc.stdout.count("lowmem fit: logs in") == 1 and proc.stdout.count("lowmem fit: step 6:") == 1
+
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert state.keys() == reference_params.keys()
+    diff = max(float((state[k].double() - reference_params[k].double()).abs().max()) for k in state)
+    assert diff < 1e-4, f"{optimizer}: max |param difference| {diff:.3g} between 2 ranks and 1 process"
+    ddp_val = val_losses(log_dir)
+    assert len(ddp_val) == len(reference_val) == 2
+    assert ddp_val == pytest.approx(reference_val, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_one_process_at_half_the_batch_ends_elsewhere(tmp_path, monkeypatch):
+    """The control of the equivalence test: at the per-rank batch, one process trains differently,
+    so the 1e-4 tolerance above does detect a wrong global batch."""
+    config = write_config(tmp_path / "config.yaml", "HMAdamW")
+    runs = {}
+    for batch in (BATCH, 2 * BATCH):
+        (tmp_path / str(batch)).mkdir()
+        monkeypatch.chdir(tmp_path / str(batch))
+        cli = LowMemCLI(args=["fit", "--config", str(config), f"--data.init_args.batch_size={batch}",
+                              "--trainer.logger=false", "--trainer.enable_checkpointing=false"])  # fmt: skip
+        runs[batch] = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+    diff = max(float((runs[BATCH][k] - runs[2 * BATCH][k]).abs().max()) for k in runs[BATCH])
+    assert diff > 100 * 1e-4, diff
