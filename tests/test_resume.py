@@ -24,7 +24,7 @@ from scripts.lightning_harness import (
 )  # fmt: skip
 from torch.utils.data import DataLoader
 
-from lowmem.lightning_modules import DigitsDataModule, LowMemModule
+from lowmem.lightning_modules import DigitsDataModule, LowMemCallback
 
 STEPS, LIMIT, VAL_EVERY = 12, 5, 3
 
@@ -126,15 +126,15 @@ def _lm_run(tmp_path, *, validate, ckpt_path=None, save_at=None):
 
 
 def test_negative_control_dropout_without_the_training_rng_stream(tmp_path, monkeypatch):
-    """LM with dropout 0.2: with LowMemModule's training RNG stream validation and resume are
+    """LM with dropout 0.2: with LowMemCallback's training RNG stream validation and resume are
     exact; with the stream switched off (plain Lightning: dropout draws from the global RNG,
     which DataLoader iterators also draw from and checkpoints do not store) both diverge."""
     reference = _lm_run(tmp_path / "on", validate=True, save_at=4)
     assert differences(reference, _lm_run(tmp_path, validate=False)) == []
     assert differences(reference, _lm_run(tmp_path, validate=True, ckpt_path=tmp_path / "on" / "step=4.ckpt")) == []
 
-    monkeypatch.setattr(LowMemModule, "on_train_batch_start", lambda self, batch, batch_idx: None)
-    monkeypatch.setattr(LowMemModule, "on_load_checkpoint", lambda self, checkpoint: None)
+    monkeypatch.setattr(LowMemCallback, "on_train_batch_start", lambda self, trainer, module, batch, batch_idx: None)
+    monkeypatch.setattr(LowMemCallback, "on_load_checkpoint", lambda self, trainer, module, checkpoint: None)
     off = _lm_run(tmp_path / "off", validate=True, save_at=4)
     assert differences(off, _lm_run(tmp_path, validate=False)) != []
     assert differences(off, _lm_run(tmp_path, validate=True, ckpt_path=tmp_path / "off" / "step=4.ckpt")) != []

@@ -1,13 +1,16 @@
 """`lowmem fit|validate|test|predict --config X.yaml`: LightningCLI wired the lowmem way.
 
-- model and data in subclass mode: any ``LowMemModule`` / ``LightningDataModule`` subclass is
-  selected by ``class_path``, including a user's own;
+- model and data in subclass mode: any ``LightningModule`` / ``LightningDataModule`` subclass is
+  selected by ``class_path``, including a user's own (``LowMemModule`` subclasses get the optimizer
+  injected; a plain LightningModule with the ``FoldedMomentumMixin`` builds its own);
+- ``LowMemCallback`` (fit-start checks, training RNG stream) and ``MemoryMonitor`` are on by default;
 - optimizers are injected into the module as callables (``model.init_args.optimizer``), never via
   the CLI's automatic top-level ``optimizer:`` key, which cannot express parameter groups and
   builds the optimizer before sharding;
 - ``config.yaml`` is saved next to the logs and overwritten on a second run into the same dir;
 - bad input (missing file, unknown class, misspelled key, invalid hyperparameter) ends with a
-  one-line ``lowmem: error: ...`` and exit code 2.
+  one-line ``lowmem: error: ...`` and exit code 2; an exception raised inside the user's own code
+  (a model's ``__init__``) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from typing import Any
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
 from lowmem.cli.compare import compare_main
 from lowmem.cli.memory import format_memory_table, memory_report
-from lowmem.lightning_modules.base import ConfigError, LowMemModule
+from lowmem.lightning_modules.base import LowMemModule
+from lowmem.lightning_modules.errors import ConfigError, user_code_error
 from lowmem.lightning_modules.callbacks import MemoryMonitor
+from lowmem.lightning_modules.integration import LowMemCallback
+from lowmem.strategies import StrategyError
 
 __all__ = ["LowMemCLI", "main"]
 
@@ -64,8 +70,14 @@ class LowMemArgumentParser(LightningArgumentParser):
 class LowMemTrainer(Trainer):
     """Lightning's Trainer plus lowmem's own subcommands."""
 
-    def memory(self, model: LowMemModule, datamodule: LightningDataModule) -> None:
+    def memory(self, model: LightningModule, datamodule: LightningDataModule) -> None:
         """Print the params/grads/optimizer-state table (MiB) of the config's model and optimizer vs AdamW."""
+        if not isinstance(model, LowMemModule):
+            raise ConfigError(
+                f"lowmem memory needs a LowMemModule (it runs compute_loss and swaps the injected optimizer); "
+                f"model.class_path {type(model).__module__}.{type(model).__qualname__} is a plain LightningModule. "
+                "Subclass lowmem.lightning_modules.LowMemModule, or measure with lowmem.optim.state_bytes."
+            )
         print(format_memory_table(memory_report(model, datamodule)))
 
 
@@ -74,7 +86,7 @@ class LowMemCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         super().__init__(
-            model_class=LowMemModule,
+            model_class=LightningModule,
             datamodule_class=LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -83,7 +95,7 @@ class LowMemCLI(LightningCLI):
             parser_kwargs={"env_prefix": "LOWMEM", "default_env": False},
             parser_class=LowMemArgumentParser,
             trainer_class=LowMemTrainer,
-            trainer_defaults={"callbacks": [MemoryMonitor()]},
+            trainer_defaults={"callbacks": [MemoryMonitor(), LowMemCallback()]},
             args=args,
             run=run,
         )
@@ -108,6 +120,8 @@ class LowMemCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
+            if (original := user_code_error(err)) is not None:
+                raise original
             raise ConfigError(f"could not build the configured classes: {condense_parser_error(str(err))}") from err
 
     def after_fit(self) -> None:
@@ -146,7 +160,7 @@ def main(args: ArgsType = None) -> None:
         raise SystemExit(compare_main(argv[1:]))
     try:
         LowMemCLI(args=args)
-    except ConfigError as err:
+    except (ConfigError, StrategyError) as err:
         _close_process_group(wait_for_peers=False)
         print(f"lowmem: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
 
 from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
+from lowmem.lightning_modules.integration import LowMemCallback, gather_per_rank
 from lowmem.lightning_modules.unet import UNet
 
 __all__ = ["DiffusionModel", "image_grid"]
@@ -99,12 +100,12 @@ class DiffusionModel(LowMemModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[_RNG_KEY] = self._per_rank(self._generator().get_state())
+        checkpoint[_RNG_KEY] = gather_per_rank(self, self._generator().get_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get(_RNG_KEY)
-        self._pending_rng_state = self._this_rank(saved) if isinstance(saved, list) else saved
+        self._pending_rng_state = LowMemCallback.this_rank(self._trainer, saved) if isinstance(saved, list) else saved
         self._train_rng = None
 
     # --- objective -----------------------------------------------------------------------------

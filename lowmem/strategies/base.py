@@ -9,9 +9,11 @@ A strategy
 - picks the precision plugin that is safe for the optimizer (``precision_plugin``);
 - defines what the Trainer's ``gradient_clip_val`` means for the optimizer (``clip_gradients``).
 
-The ``zero_grad`` policy of folded-momentum optimizers lives in ``LowMemModule`` (it protects
-``.grad`` from Lightning's own zeroing whenever the optimizer declares
-``folds_momentum_into_grad``), so it also holds for an optimizer given as a plain callable.
+The ``zero_grad`` policy of folded-momentum optimizers lives in
+``lowmem.lightning_modules.FoldedMomentumMixin`` (it protects ``.grad`` from Lightning's own
+zeroing whenever the optimizer declares ``folds_momentum_into_grad``), and the fit-start checks
+run from ``lowmem.lightning_modules.LowMemCallback``, so both also hold for an optimizer given
+as a plain callable or built by a user's own ``configure_optimizers``.
 """
 
 from __future__ import annotations
@@ -19,36 +21,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.optim._base import Capabilities
 from lowmem.optim.roles import weight_decay_param_groups
+from lowmem.strategies.checks import StrategyError, capabilities_of, check_trainer, clip_gradients
 from lowmem.strategies.precision import FoldedMomentumPrecision
 
-__all__ = ["OptimizerStrategy", "CallableStrategy", "StrategyError", "capabilities_of"]
-
-
-class StrategyError(ValueError):
-    """An optimizer cannot run under the configured Lightning strategy, precision or clipping."""
-
-
-# torch's optimizers declare no capabilities; these are the ones lowmem offers or users pick most.
-# Elementwise ones run on FSDP2 DTensors; Adafactor factors by shape (and fails on DTensors).
-_TORCH_CAPABILITIES = {
-    torch.optim.AdamW: Capabilities(supports_dtensor=True),
-    torch.optim.Adam: Capabilities(supports_dtensor=True),
-    torch.optim.SGD: Capabilities(supports_dtensor=True),
-    torch.optim.Adafactor: Capabilities(needs_full_shapes=True, supports_dtensor=False),
-}
-
-
-def capabilities_of(optimizer_or_class: Any) -> Capabilities:
-    """The optimizer's declared ``capabilities`` (lowmem optimizers), torch's from a table, else
-    the conservative defaults (no DTensor support)."""
-    cls = optimizer_or_class if isinstance(optimizer_or_class, type) else type(optimizer_or_class)
-    return getattr(cls, "capabilities", None) or _TORCH_CAPABILITIES.get(cls) or Capabilities()
+__all__ = ["OptimizerStrategy", "CallableStrategy"]
 
 
 class OptimizerStrategy:
@@ -91,64 +72,11 @@ class OptimizerStrategy:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({args})"
 
-    # --- checks ----------------------------------------------------------------------------------
+    # --- checks ---------------------------------------------------------------------------------
     def check(self, trainer: Any) -> None:
         """Raise :class:`StrategyError` for a Trainer configuration this optimizer cannot run under."""
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-        caps, name, strategy = self.capabilities, self.name, trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) and (caps.folds_momentum_into_grad or caps.needs_full_shapes or caps.needs_model):
-            raise StrategyError(
-                f"{name} cannot run under DeepSpeed: DeepSpeed keeps gradients in its own flat buffers and frees "
-                f"them every step{' (the momentum lives in .grad)' if caps.folds_momentum_into_grad else ''}. "
-                "Use trainer.strategy=ddp, or FSDP2 via lightning.pytorch.strategies.ModelParallelStrategy"
-                + ("" if caps.supports_dtensor else f" (not supported by {name} either; use ddp)") + "."
-            )
-        if isinstance(strategy, FSDPStrategy) and (caps.folds_momentum_into_grad or caps.needs_full_shapes or caps.needs_model):
-            raise StrategyError(
-                f"{name} is not supported under FSDP1 (trainer.strategy=fsdp): it flattens parameters into shards "
-                "and its gradient accumulation into sharded .grad is untested with lowmem. Use trainer.strategy=ddp"
-                + (", or FSDP2 via ModelParallelStrategy" if caps.supports_dtensor else "") + "."
-            )
-        if isinstance(strategy, ModelParallelStrategy) and not caps.supports_dtensor:
-            why = (
-                "its maths needs full parameter shapes on every rank"
-                if caps.needs_full_shapes
-                else "it does not declare DTensor support (capabilities.supports_dtensor)"
-            )
-            raise StrategyError(
-                f"{name} does not support FSDP2/ModelParallelStrategy (DTensor parameters): {why}. "
-                "Use trainer.strategy=ddp."
-            )
-        if isinstance(strategy, DDPStrategy) and caps.folds_momentum_into_grad and _lossy_comm_hook(strategy):
-            raise StrategyError(
-                f"{name} keeps its momentum in .grad, which DDP all-reduces every step: a gradient-compression "
-                "comm hook or wrapper (fp16/bf16 compress, PowerSGD) would quantise the momentum history on every "
-                "step. Remove ddp_comm_hook/ddp_comm_wrapper, or use AdamW/AdamS if you need compression."
-            )
-        if caps.needs_model and self.hparams.get("fused") and trainer.world_size > 1:
-            raise StrategyError(
-                f"{name}(fused=True) is single-process only (the fused weights have no .grad for DDP to "
-                f"average); world size is {trainer.world_size}. Set fused: false."
-            )
-        if caps.folds_momentum_into_grad and getattr(trainer, "gradient_clip_val", None) and (
-            getattr(trainer, "gradient_clip_algorithm", None) not in (None, "norm")
-        ):
-            raise StrategyError(_value_clipping_message(name, trainer.gradient_clip_algorithm))
-        plugin = trainer.precision_plugin
-        scaler = getattr(plugin, "scaler", None)
-        if scaler is not None and caps.folds_momentum_into_grad and not isinstance(plugin, FoldedMomentumPrecision):
-            raise StrategyError(
-                f"{name} is not safe with a plain fp16 GradScaler ({type(plugin).__name__}): unscale_ would divide the "
-                "momentum history stored in .grad by the loss scale every step, and one overflow would leave an inf in "
-                "it for good. Use precision bf16-mixed, or the plugin lowmem.strategies.FoldedMomentumPrecision "
-                "(trainer.plugins) instead of trainer.precision=16-mixed; the lowmem CLI swaps it in for you."
-            )
-        if scaler is not None and not caps.supports_grad_scaler and not caps.folds_momentum_into_grad:
-            raise StrategyError(
-                f"{name} cannot run with an fp16 GradScaler ({type(plugin).__name__}): its statistics see the "
-                "loss-scaled gradients that the scaler's unscale_ never reaches. Use precision bf16-mixed (or 32-true)."
-            )
+        caps = self.capabilities
+        check_trainer(trainer, caps, self.name, single_process=caps.needs_model and bool(self.hparams.get("fused")))
 
     # --- precision and clipping ------------------------------------------------------------------
     def precision_plugin(self, precision: str, device: str) -> Any | None:
@@ -158,38 +86,8 @@ class OptimizerStrategy:
         return None
 
     def clip_gradients(self, module: Any, optimizer: Optimizer, clip_val: float | None, algorithm: str | None) -> None:
-        """What ``Trainer(gradient_clip_val=...)`` means for this optimizer.
-
-        Default: Lightning's clipping of ``.grad``. Folded-momentum optimizers: the threshold is
-        applied to the global norm of the momentum ``m = (1-b1) B`` (gradient units, the figure an
-        AdamW user's threshold is compared with) through the optimizer's ``max_momentum_norm``;
-        ``.grad`` itself, i.e. the history, is never clipped by Lightning. Value clipping is refused.
-        """
-        if not clip_val:
-            return
-        if not self.capabilities.folds_momentum_into_grad:
-            module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
-            return
-        if algorithm not in (None, "norm"):
-            raise StrategyError(_value_clipping_message(self.name, algorithm))
-        for group in optimizer.param_groups:
-            group["max_momentum_norm"] = float(clip_val)
-
-
-def _value_clipping_message(name: str, algorithm: str) -> str:
-    return (
-        f"{name} keeps its momentum in .grad; gradient_clip_algorithm={algorithm!r} would clip the momentum "
-        "history element-wise. Use gradient_clip_algorithm=norm (clips the momentum's global norm, gradient units) "
-        "or no clipping."
-    )
-
-
-def _lossy_comm_hook(strategy: Any) -> bool:
-    """Whether a DDP strategy transforms gradients in flight (anything but the plain all-reduce hook)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    hook = getattr(strategy, "_ddp_comm_hook", None)
-    return getattr(strategy, "_ddp_comm_wrapper", None) is not None or hook not in (None, allreduce_hook)
+        """What ``Trainer(gradient_clip_val=...)`` means for this optimizer: see :func:`clip_gradients`."""
+        clip_gradients(module, optimizer, clip_val, algorithm)
 
 
 class CallableStrategy(OptimizerStrategy):

@@ -109,7 +109,7 @@ def snapshot(model: Any, trainer: pl.Trainer) -> dict[str, Any]:
         "optimizer": _plain(optimizer.state_dict()),
         "schedulers": [_plain(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
         "global_step": trainer.global_step,
-        "rng_stream": _plain(model._rng_stream),
+        "rng_stream": _plain(model.lowmem_callback.rng_stream),
     }
     if isinstance(model, DiffusionModel):
         snap["diffusion_rng"] = model._generator().get_state().clone()

@@ -1,0 +1,157 @@
+"""What any LightningModule needs to train with a lowmem optimizer: a mixin and a callback.
+
+Lightning's own way: the module says what to compute, cross-cutting concerns are callbacks.
+A user's existing module works with every lowmem optimizer through two additions::
+
+    class MyModule(FoldedMomentumMixin, pl.LightningModule):      # the mixin first
+        def configure_optimizers(self):
+            return lowmem.strategies.HMAdamW(lr=1e-3).build(self)   # or lowmem.optim.HMAdamW(...)
+
+    trainer = pl.Trainer(callbacks=[LowMemCallback()])             # `lowmem fit` adds it itself
+
+:class:`FoldedMomentumMixin` owns the two module hooks a folded-momentum optimizer (HMAdam keeps
+its first moment in ``.grad``) must own:
+
+- ``zero_grad()`` is a no-op while an optimizer of the Trainer folds momentum into ``.grad``.
+  Lightning calls it at the start of every stage (after restoring a checkpoint) and before every
+  in-fit validation; the only code that touches ``.grad`` between steps is then the optimizer's
+  own ``zero_grad()``, which decays it;
+- ``configure_gradient_clipping``: ``gradient_clip_val`` clips the momentum's global norm
+  (:func:`lowmem.strategies.checks.clip_gradients`), never the stored history.
+
+:class:`LowMemCallback` does the rest:
+
+- at ``setup('fit')`` it frees ``.grad`` of every parameter, so a new optimizer's folded momentum
+  starts from zero (a checkpoint restore refills it later);
+- at fit start it checks each optimizer's declared capabilities against the Trainer's Lightning
+  strategy, precision and clipping (:func:`~lowmem.strategies.checks.check_trainer`; a module
+  with an ``optimizer_strategy``, such as ``LowMemModule``, runs that strategy's ``check``), and
+  refuses a folded-momentum optimizer on a module without the mixin;
+- the *training RNG stream*: training draws from torch's global RNG (dropout, anything in
+  ``training_step``) come from a stream whose state is restored at the start of every training
+  batch, captured at its end and saved in checkpoints (one state per rank under DDP). In-fit
+  validation, sanity checks and DataLoader iterators (which also draw from the global RNG)
+  cannot change the training trajectory, and a resumed run draws exactly what the uninterrupted
+  one would have. Draws made while a batch is fetched (augmentation in a Dataset) are not covered;
+- it logs ``precision/momentum_resets`` under :class:`~lowmem.strategies.FoldedMomentumPrecision`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.optim import Optimizer
+
+from lowmem.strategies import FoldedMomentumPrecision, OptimizerStrategy, StrategyError, capabilities_of, folds_momentum
+from lowmem.strategies.checks import check_trainer, clip_gradients
+
+__all__ = ["FoldedMomentumMixin", "LowMemCallback"]
+
+RNG_KEY = "lowmem_rng_stream"  # checkpoint key: the training stream's RNG states, one per rank
+
+
+class FoldedMomentumMixin:
+    """``zero_grad`` and gradient clipping for folded-momentum optimizers; put it before
+    ``LightningModule`` in the bases. Harmless with any other optimizer."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Free/zero gradients, except while an optimizer keeps its momentum in them (a no-op then)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not any(folds_momentum(o) for o in trainer.optimizers):
+            super().zero_grad(set_to_none)  # type: ignore[misc]
+
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:  # fmt: skip
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+class LowMemCallback(pl.Callback):
+    """Fit-start checks, a fresh momentum, the training RNG stream; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.rng_stream: dict[str, torch.Tensor] | None = None  # global RNG state(s) of the training stream
+        self._in_train_batch = False
+
+    # --- fit start -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before configure_optimizers and any checkpoint restore
+            for p in pl_module.parameters():
+                p.grad = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = getattr(pl_module, "optimizer_strategy", None)
+        if isinstance(strategy, OptimizerStrategy):  # LowMemModule: its strategy's own checks
+            strategy.check(trainer)
+        for optimizer in trainer.optimizers:
+            caps, name = capabilities_of(optimizer), type(optimizer).__name__
+            if not isinstance(strategy, OptimizerStrategy):
+                check_trainer(trainer, caps, name, single_process=caps.needs_model and getattr(optimizer, "_fused", False))
+            if caps.folds_momentum_into_grad and not isinstance(pl_module, FoldedMomentumMixin):
+                raise StrategyError(
+                    f"{name} keeps its momentum in .grad, which Lightning zeroes at every stage start and before "
+                    f"every in-fit validation: {type(pl_module).__name__} must inherit "
+                    "lowmem.lightning_modules.FoldedMomentumMixin, placed before LightningModule in its bases "
+                    "(or subclass lowmem.lightning_modules.LowMemModule)."
+                )
+        if self.rng_stream is None:  # neither restored nor left by an earlier fit: start it here
+            self.rng_stream = _rng_state(pl_module.device)
+
+    # --- the training RNG stream -------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:  # fmt: skip
+        if self.rng_stream is not None:
+            _set_rng_state(self.rng_stream, pl_module.device)
+        self._in_train_batch = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        self.rng_stream = _rng_state(pl_module.device)
+        self._in_train_batch = False
+        plugin = trainer.precision_plugin
+        if isinstance(plugin, FoldedMomentumPrecision):
+            pl_module.log("precision/momentum_resets", float(plugin.momentum_resets), on_step=True, batch_size=1)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # A checkpoint written inside a training batch (before on_train_batch_end) holds the live state.
+        stream = _rng_state(pl_module.device) if self._in_train_batch else self.rng_stream
+        if stream is not None:
+            checkpoint[RNG_KEY] = {name: gather_per_rank(pl_module, state) for name, state in stream.items()}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        saved = checkpoint.get(RNG_KEY)
+        if saved is not None:
+            self.rng_stream = {name: LowMemCallback.this_rank(trainer, states) for name, states in saved.items()}
+
+    @staticmethod
+    def this_rank(trainer: pl.Trainer | None, states: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's entry of a :func:`gather_per_rank` list (rank modulo its length), own storage."""
+        rank = trainer.global_rank if trainer is not None else 0
+        return states[rank % len(states)].clone()
+
+
+def gather_per_rank(module: pl.LightningModule, state: torch.Tensor) -> list[torch.Tensor]:
+    """``state`` of every rank, in rank order (an all-gather under DDP; call it on all ranks).
+
+    For per-rank state (RNG) in ``on_save_checkpoint``: only rank 0 writes the checkpoint."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return [state.cpu()]
+    # Each row gets its own storage: torch 2.13's set_rng_state/Generator.set_state segfault on a
+    # view with a storage offset (also after a torch.save/load round trip).
+    return [s.cpu().clone() for s in module.all_gather(state.to(module.device))]
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG state(s) that training on ``device`` draws from (CPU, and CUDA's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
