@@ -9,9 +9,9 @@ CONFIG ?= configs/diffusion_hmadamw.yaml
 
 .PHONY: install run test test-slow test-dist test-all bench clean
 
-$(STAMP): pyproject.toml requirements-nodeps.txt
+$(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	# litdata hard-requires torchvision, which breaks `import lightning` on a CPU torch: install it alone.
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt 2> >(grep -v "is ignored: it is neither" >&2)
 	touch $(STAMP)
