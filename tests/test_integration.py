@@ -149,3 +149,33 @@ def test_a_bug_in_the_users_model_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TypeError, match="has no len"):
         main(["fit", "--model=buggy.Buggy", "--data=lowmem.lightning_modules.DigitsDataModule"])
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """lr 1e8 on AdamW: the loss turns non-finite after a few steps; `lowmem fit` exits 1 with the
+    step named, and every checkpoint on disk holds finite parameters."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "cnn_adamw.yaml"), "--trainer.max_steps=40",
+              "--model.init_args.optimizer.init_args.lr=1e8", "--model.init_args.lr_scheduler=null",
+              "--model.init_args.widths=[4]", "--trainer.enable_progress_bar=false",
+              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1"])  # fmt: skip
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("lowmem: error:"))
+    assert "the loss is not finite at step" in line and "Traceback" not in err
+    step = int(line.split("at step ")[1].split()[0])
+    checkpoints = sorted(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
+    assert checkpoints, "no checkpoint was written before the divergence"
+    for path in checkpoints:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        assert state["global_step"] <= step
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values()), path.name
+
+
+def test_validate_without_a_checkpoint_warns_that_the_model_is_untrained(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["validate", "--config", str(ROOT / "configs" / "cnn_adamw.yaml"), "--trainer.limit_val_batches=1",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert "no --ckpt_path given, so this evaluates the model as initialised (untrained)" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from lowmem.cli.memory import format_memory_table, memory_report
 from lowmem.lightning_modules.base import LowMemModule
 from lowmem.lightning_modules.errors import ConfigError, user_code_error
 from lowmem.lightning_modules.callbacks import MemoryMonitor
-from lowmem.lightning_modules.integration import LowMemCallback
+from lowmem.lightning_modules.integration import LowMemCallback, TrainingDiverged
 from lowmem.strategies import StrategyError
 
 __all__ = ["LowMemCLI", "main"]
@@ -124,6 +124,17 @@ class LowMemCLI(LightningCLI):
                 raise original
             raise ConfigError(f"could not build the configured classes: {condense_parser_error(str(err))}") from err
 
+    def before_validate(self) -> None:
+        self._warn_if_untrained("validate")
+
+    def before_test(self) -> None:
+        self._warn_if_untrained("test")
+
+    def _warn_if_untrained(self, stage: str) -> None:
+        if self.config[self.subcommand].get("ckpt_path") is None:
+            print(f"lowmem {stage}: warning: no --ckpt_path given, so this evaluates the model as initialised "
+                  "(untrained); pass --ckpt_path path/to/file.ckpt to evaluate a trained one", file=sys.stderr)  # fmt: skip
+
     def after_fit(self) -> None:
         self._report("fit")
 
@@ -164,6 +175,10 @@ def main(args: ArgsType = None) -> None:
         _close_process_group(wait_for_peers=False)
         print(f"lowmem: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingDiverged as err:
+        _close_process_group(wait_for_peers=False)
+        print(f"lowmem: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except BaseException:
         _close_process_group(wait_for_peers=False)
         raise

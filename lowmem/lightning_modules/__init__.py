@@ -5,7 +5,7 @@ from lowmem.lightning_modules.diffusion import DiffusionModel, image_grid
 from lowmem.lightning_modules.digits import DigitsDataModule, load_digits_tensors
 from lowmem.lightning_modules.gpt import GPT, GPTConfig
 from lowmem.lightning_modules.image_classifier import ImageClassifier
-from lowmem.lightning_modules.integration import FoldedMomentumMixin, LowMemCallback
+from lowmem.lightning_modules.integration import FoldedMomentumMixin, LowMemCallback, TrainingDiverged
 from lowmem.lightning_modules.language_model import LanguageModel
 from lowmem.lightning_modules.sampling import ResumableSampler
 from lowmem.lightning_modules.streaming import StreamingDataModule, write_chunks
@@ -26,6 +26,7 @@ __all__ = [
     "ResumableSampler",
     "StdlibTextDataModule",
     "StreamingDataModule",
+    "TrainingDiverged",
     "UNet",
     "default_optimizer",
     "image_grid",

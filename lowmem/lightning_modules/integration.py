@@ -33,6 +33,11 @@ its first moment in ``.grad``) must own:
   validation, sanity checks and DataLoader iterators (which also draw from the global RNG)
   cannot change the training trajectory, and a resumed run draws exactly what the uninterrupted
   one would have. Draws made while a batch is fetched (augmentation in a Dataset) are not covered;
+- a non-finite training loss (on any rank) stops training with :class:`TrainingDiverged`, naming
+  the step, before any checkpoint of that step is written (``ModelCheckpoint`` runs after this
+  callback), so the checkpoints on disk are the last good ones. Under a scaler that skips
+  overflow steps (fp16) this check is off: the scaler handles them. It costs one host sync and,
+  under DDP, one all-reduce of a flag per step; ``stop_on_nonfinite_loss=False`` switches it off;
 - it logs ``precision/momentum_resets`` under :class:`~lowmem.strategies.FoldedMomentumPrecision`.
 """
 
@@ -47,7 +52,7 @@ from torch.optim import Optimizer
 from lowmem.strategies import FoldedMomentumPrecision, OptimizerStrategy, StrategyError, capabilities_of, folds_momentum
 from lowmem.strategies.checks import check_trainer, clip_gradients
 
-__all__ = ["FoldedMomentumMixin", "LowMemCallback"]
+__all__ = ["FoldedMomentumMixin", "LowMemCallback", "TrainingDiverged"]
 
 RNG_KEY = "lowmem_rng_stream"  # checkpoint key: the training stream's RNG states, one per rank
 
@@ -67,10 +72,20 @@ class FoldedMomentumMixin:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-class LowMemCallback(pl.Callback):
-    """Fit-start checks, a fresh momentum, the training RNG stream; see the module docstring."""
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the CLI prints it as one line (exit code 1)."""
 
-    def __init__(self) -> None:
+
+class LowMemCallback(pl.Callback):
+    """Fit-start checks, a fresh momentum, the training RNG stream, a stop on a non-finite loss;
+    see the module docstring.
+
+    Args:
+        stop_on_nonfinite_loss: raise :class:`TrainingDiverged` when a training loss is NaN/inf.
+    """
+
+    def __init__(self, stop_on_nonfinite_loss: bool = True) -> None:
+        self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
         self.rng_stream: dict[str, torch.Tensor] | None = None  # global RNG state(s) of the training stream
         self._in_train_batch = False
 
@@ -109,9 +124,24 @@ class LowMemCallback(pl.Callback):
                            batch_idx: int) -> None:  # fmt: skip
         self.rng_stream = _rng_state(pl_module.device)
         self._in_train_batch = False
+        self._stop_if_diverged(trainer, outputs)
         plugin = trainer.precision_plugin
         if isinstance(plugin, FoldedMomentumPrecision):
             pl_module.log("precision/momentum_resets", float(plugin.momentum_resets), on_step=True, batch_size=1)
+
+    def _stop_if_diverged(self, trainer: pl.Trainer, outputs: Any) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not self.stop_on_nonfinite_loss or not isinstance(loss, torch.Tensor):
+            return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16: the GradScaler skips overflow steps and lowers the scale
+        diverged = trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss.detach()).all()), all=False)
+        if diverged:
+            raise TrainingDiverged(
+                f"training diverged: the loss is not finite at step {trainer.global_step} (on at least one rank); "
+                "training stopped before this step was checkpointed, so the checkpoints on disk are the last good "
+                "ones. Lower the learning rate, add warm-up or gradient clipping, or check the inputs for NaN."
+            )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # A checkpoint written inside a training batch (before on_train_batch_end) holds the live state.
