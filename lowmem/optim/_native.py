@@ -13,21 +13,40 @@ CPU, in scripts that interleave the two steps round by round:
   (1.63x; the C kernel 0.79-0.92x).
 
 The library is built with the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``),
-``-O3 -march=native -fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``), keyed by
-a hash of the source, the flags, the compiler's version and this CPU's feature flags; later
-processes load the cached file (first build and load: ~0.3 s). It links the ``libgomp.so.1`` torch has
-already loaded, so its threads are torch's OpenMP pool (``torch.get_num_threads()`` of them).
+``-O3 -march=native -fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``, else
+``<tmp>/lowmem-<uid>``), keyed by a hash of the source, the flags, the compiler's version and this
+CPU's feature flags; later processes load the cached file (first build and load: ~0.3 s). It links
+the ``libgomp.so.1`` torch has already loaded, so its threads are torch's OpenMP pool
+(``torch.get_num_threads()`` of them).
 
-If no compiler works, :func:`library` warns once and returns ``None``; callers then use their
-compiled (Inductor) or for-loop path.
+A cached file is code every training process runs, and ``<tmp>/lowmem-<uid>`` is a name anyone can
+create first, so the cache is trusted only as far as it is private:
+
+- the folder is created ``0o700``; one that exists owned by another user or writable by group or
+  others is not used: the process builds in a fresh ``tempfile.mkdtemp()`` folder (removed at
+  exit) and warns once;
+- a file is loaded only if it is a regular file owned by this user, not writable by group or
+  others, and its SHA-256 is the one in its name (``lowmem_native_<key>_<sha256>.so``, written at
+  build time); any other file is deleted and rebuilt;
+- a build goes to a temp folder beside the cache and is ``os.replace``'d in, so a concurrent
+  process never loads a half-written file;
+- a cached file that will not load (``dlopen`` fails) or lacks a kernel is deleted and rebuilt
+  once;
+- where there is no ``os.getuid`` (Windows) the owner and mode checks are skipped: there are no
+  POSIX owners, and the emulated mode bits mark everything writable as writable by all.
+
+If no compiler works, or a fresh build will not load either, :func:`library` warns once and returns
+``None``; callers then use their compiled (Inductor) or for-loop path.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -69,16 +88,49 @@ _library: ctypes.CDLL | None = None
 _failed = False
 
 
-def _cache_dir() -> Path:
-    """``$LOWMEM_CACHE_DIR``, else ``~/.cache/lowmem``, else (home not writable) a temp folder."""
+def _private(st: os.stat_result) -> bool:
+    """Whether only this user can change the file or folder ``st`` describes: owned by them, not
+    writable by group or others. True where there is no ``os.getuid`` (Windows): no POSIX owners
+    there, and the emulated mode bits would reject every folder."""
+    if not hasattr(os, "getuid"):
+        return True
+    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _configured_dir() -> Path:
+    """``$LOWMEM_CACHE_DIR``, else ``~/.cache/lowmem``, else (home not writable) ``<tmp>/lowmem-<uid>``;
+    created ``0o700``. An existing folder keeps its owner and mode: :func:`_cache_dir` checks them."""
     if "LOWMEM_CACHE_DIR" in os.environ:
-        return Path(os.environ["LOWMEM_CACHE_DIR"])
+        folder = Path(os.environ["LOWMEM_CACHE_DIR"])
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowmem"
     try:
-        default.mkdir(parents=True, exist_ok=True)
+        default.mkdir(mode=0o700, parents=True, exist_ok=True)
         return default
     except OSError:
-        return Path(tempfile.gettempdir()) / f"lowmem-{os.getuid()}"
+        uid = f"-{os.getuid()}" if hasattr(os, "getuid") else ""  # Windows: the temp folder is per user
+        folder = Path(tempfile.gettempdir()) / f"lowmem{uid}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
+
+
+def _cache_dir() -> Path:
+    """The configured folder if it is private; else a fresh ``mkdtemp`` one (random name, ``0o700``),
+    removed at exit, with one warning: a folder others can write may hold their code, so nothing in
+    it is loaded, and this process builds its own copy (~0.3 s)."""
+    folder = _configured_dir()
+    if _private(folder.stat()):
+        return folder
+    fresh = tempfile.mkdtemp(prefix="lowmem-")
+    atexit.register(shutil.rmtree, fresh, ignore_errors=True)
+    warnings.warn(
+        f"lowmem: the kernel cache {folder} is owned by another user or writable by group/others, so it is "
+        f"not used; building in {fresh} instead. Fix: chown it to yourself and chmod 700, or set $LOWMEM_CACHE_DIR.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return Path(fresh)
 
 
 def _cpu_flags() -> str:
@@ -89,22 +141,82 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build(compiler: str) -> Path:
+def _cache_key(compiler: str) -> str:
+    """What the build depends on: the source, the flags, the compiler's version, this CPU's features."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]))
-    target = _cache_dir() / f"lowmem_native_{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` may be loaded: a regular file only this user can change, whose SHA-256 is the
+    one :func:`_build` put in its name, so a truncated, overwritten or planted file is refused."""
+    try:
+        st = path.stat()
+        return stat.S_ISREG(st.st_mode) and _private(st) and _sha256(path) == path.stem.rsplit("_", 1)[-1]
+    except OSError:
+        return False
+
+
+def _cached(folder: Path, key: str) -> Path | None:
+    """The verified cached build for ``key``, if any; deletes the ones that fail :func:`_verified`,
+    so that a rebuild takes their place instead of sitting beside them."""
+    for path in sorted(folder.glob(f"lowmem_native_{key}_*.so")):
+        if _verified(path):
+            return path
+        path.unlink(missing_ok=True)  # missing_ok: a concurrent process may have deleted it first
+    return None
+
+
+def _build(compiler: str, folder: Path, key: str) -> Path:
+    """Compile into a temp folder beside the cache, then ``os.replace`` the file in under its
+    SHA-256: atomic, so a concurrent process never loads a half-written file. ``chmod 0o700``: the
+    umask (e.g. ``002``) must not leave it group-writable, which :func:`_verified` refuses."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        built = Path(tmp) / "lowmem_native.so"
         command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: concurrent processes never load a half-written file
+        built.chmod(0o700)
+        target = folder / f"lowmem_native_{key}_{_sha256(built)}.so"
+        os.replace(built, target)
     return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    """Load ``path`` and declare the kernels' signatures. OSError if it will not load or lacks a
+    kernel (ctypes says AttributeError): either way the file is not our library."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        try:
+            kernel = getattr(lib, name)
+        except AttributeError as err:
+            raise OSError(f"{path} has no kernel {name}") from err
+        kernel.argtypes, kernel.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def _load() -> ctypes.CDLL:
+    """The bound library: the cached build if it verifies, loads and has every kernel; else (none,
+    corrupt, foreign) a fresh build. One rebuild at most: a compiler whose output will not load
+    fails once, in :func:`library`, instead of rebuilding forever."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    key = _cache_key(compiler)  # first: a missing compiler fails before any folder is made
+    folder = _cache_dir()
+    cached = _cached(folder, key)
+    if cached is not None:
+        try:
+            return _bind(cached)
+        except OSError:
+            cached.unlink(missing_ok=True)
+    return _bind(_build(compiler, folder, key))
 
 
 def library() -> ctypes.CDLL | None:
@@ -112,14 +224,8 @@ def library() -> ctypes.CDLL | None:
     global _library, _failed
     if _library is not None or _failed:
         return _library
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     try:
-        if compiler is None:
-            raise RuntimeError("no C compiler found (set $CC)")
-        lib = ctypes.CDLL(str(_build(compiler)))
-        for name, argtypes in _SIGNATURES.items():
-            getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = ctypes.c_int
+        lib = _load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _failed = True
         warnings.warn(
