@@ -13,6 +13,7 @@ from lowmem.cli import LowMemCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN_CONFIG = str(ROOT / "configs" / "cnn_adamw.yaml")
+LM_CONFIG = str(ROOT / "configs" / "lm_adamw.yaml")
 FAST = ["--trainer.max_steps=6", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=3"]  # fmt: skip
 
@@ -95,11 +96,19 @@ def test_user_subclass_selected_by_class_path(monkeypatch):
         (["fit", "--config", CNN_CONFIG, "--model.init_args.optimizer.init_args.lr=-1", *FAST], "Invalid learning rate"),
         (["fit", "--config", CNN_CONFIG, "--model.init_args.num_classes=1"], "num_classes >= 2"),
         (["fitt", "--config", CNN_CONFIG], "invalid choice: 'fitt'"),
+        (["fit", "--config", CNN_CONFIG, "--ckpt_path", "nope.ckpt"], "--ckpt_path nope.ckpt: no such file"),
+        (["fit", "--config", CNN_CONFIG, "--ckpt_path", "truncated.ckpt"], "is not a readable checkpoint"),
+        (["fit", "--config", LM_CONFIG, "--data.init_args.block_size=32", *FAST],
+         "model.init_args.block_size=64 vs data.init_args.block_size=32"),
+        (["fit", "--config", CNN_CONFIG, "--trainer.gradient_clip_val=-1", *FAST], "gradient_clip_val=-1 must be"),
+        (["fit", "--config", CNN_CONFIG, "--trainer.accelerator=gpu", *FAST], "No supported gpu backend found"),
     ],
     ids=["missing-file", "unknown-class", "misspelled-model-key", "misspelled-trainer-key", "bad-lr", "bad-model-arg",
-         "bad-subcommand"],  # fmt: skip
+         "bad-subcommand", "missing-ckpt", "truncated-ckpt", "block-size-clash", "negative-clip",
+         "lightning-misconfiguration"],  # fmt: skip
 )
-def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys):
+def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys, tmp_path):
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole archive")
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -107,6 +116,14 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys):
     error_lines = [line for line in err.splitlines() if line.startswith("lowmem: error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], err
     assert "Traceback" not in err and len(err.splitlines()) <= 4, err
+
+
+def test_help_names_every_subcommand_including_compare(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "validate", "test", "predict", "memory", "compare"))
 
 
 def test_memory_subcommand_prints_the_state_table(capsys):

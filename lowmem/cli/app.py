@@ -3,7 +3,8 @@
 - model and data in subclass mode: any ``LightningModule`` / ``LightningDataModule`` subclass is
   selected by ``class_path``, including a user's own (``LowMemModule`` subclasses get the optimizer
   injected; a plain LightningModule with the ``FoldedMomentumMixin`` builds its own);
-- ``LowMemCallback`` (fit-start checks, training RNG stream) and ``MemoryMonitor`` are on by default;
+- ``MemoryMonitor`` is on by default, and ``LowMemCallback`` (fit-start checks, training RNG
+  stream) too: a ``LowMemModule`` brings its own, any other module gets one;
 - optimizers are injected into the module as callables (``model.init_args.optimizer``), never via
   the CLI's automatic top-level ``optimizer:`` key, which cannot express parameter groups and
   builds the optimizer before sharding;
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
+from pathlib import Path
 from typing import Any
 
 # Lightning 2.6 itself calls jsonargparse APIs deprecated in 4.49; the warnings are not actionable
@@ -25,6 +28,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
@@ -56,6 +60,11 @@ def condense_parser_error(message: str) -> str:
     return " ".join(line for line in lines if line and not any(noise in line for noise in _PARSER_NOISE))
 
 
+# ``--ckpt_path`` values Lightning resolves itself rather than reading a file.
+_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+_CKPT_SCHEMES = ("s3://", "gs://", "http://", "https://", "registry:")
+
+
 class LowMemArgumentParser(LightningArgumentParser):
     """Prints parse errors as one ``lowmem: error: ...`` line instead of the full usage text."""
 
@@ -65,6 +74,13 @@ class LowMemArgumentParser(LightningArgumentParser):
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"lowmem: error: {condense_parser_error(message)}\n(see `{prog} --help`)\n")
         self.exit(2)
+
+
+_DESCRIPTION = (
+    "Train with memory-efficient Adam variants. Subcommands: fit, validate, test, predict (Lightning's), "
+    "memory (optimizer state of a config vs AdamW, no training) and compare (train several configs, one figure: "
+    "`lowmem compare --help`)."
+)
 
 
 class LowMemTrainer(Trainer):
@@ -92,10 +108,10 @@ class LowMemCLI(LightningCLI):
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"env_prefix": "LOWMEM", "default_env": False},
+            parser_kwargs={"env_prefix": "LOWMEM", "default_env": False, "description": _DESCRIPTION},
             parser_class=LowMemArgumentParser,
             trainer_class=LowMemTrainer,
-            trainer_defaults={"callbacks": [MemoryMonitor(), LowMemCallback()]},
+            trainer_defaults={"callbacks": [MemoryMonitor()]},
             args=args,
             run=run,
         )
@@ -103,6 +119,21 @@ class LowMemCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` that is no file or no checkpoint (truncated, not a ``torch.save``
+        archive) in one line, before Lightning reads the hyperparameters from it."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in _CKPT_KEYWORDS and not str(ckpt_path).startswith(_CKPT_SCHEMES):
+            path = Path(ckpt_path)
+            if not path.is_file():
+                raise ConfigError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file written by a fit, "
+                                  "e.g. lightning_logs/version_0/checkpoints/<name>.ckpt")  # fmt: skip
+            if not zipfile.is_zipfile(path):
+                raise ConfigError(f"--ckpt_path {ckpt_path} is not a readable checkpoint (truncated, or not written by "
+                                  "torch.save); pick another checkpoint of the run")  # fmt: skip
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Swap ``trainer.precision`` for the plugin the optimizer strategy needs (fp16 + HMAdam)."""
@@ -114,7 +145,11 @@ class LowMemCLI(LightningCLI):
             plugin = strategy.precision_plugin(str(precision), device)
             if plugin is not None:
                 kwargs.update(precision=None, plugins=[plugin])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, LowMemCallback) for c in trainer.callbacks):  # a LowMemModule brings its own
+            if not isinstance(self.model, LowMemModule):
+                trainer.callbacks.append(LowMemCallback())
+        return trainer
 
     def instantiate_classes(self) -> None:
         try:
@@ -171,7 +206,7 @@ def main(args: ArgsType = None) -> None:
         raise SystemExit(compare_main(argv[1:]))
     try:
         LowMemCLI(args=args)
-    except (ConfigError, StrategyError) as err:
+    except (ConfigError, StrategyError, MisconfigurationException) as err:
         _close_process_group(wait_for_peers=False)
         print(f"lowmem: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

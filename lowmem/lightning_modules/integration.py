@@ -49,6 +49,7 @@ import lightning.pytorch as pl
 import torch
 from torch.optim import Optimizer
 
+from lowmem.lightning_modules.errors import ConfigError
 from lowmem.strategies import FoldedMomentumPrecision, OptimizerStrategy, StrategyError, capabilities_of, folds_momentum
 from lowmem.strategies.checks import check_trainer, clip_gradients
 
@@ -94,6 +95,7 @@ class LowMemCallback(pl.Callback):
         if stage == "fit":  # before configure_optimizers and any checkpoint restore
             for p in pl_module.parameters():
                 p.grad = None
+        _check_shared_hparams(pl_module, trainer.datamodule)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = getattr(pl_module, "optimizer_strategy", None)
@@ -159,6 +161,18 @@ class LowMemCallback(pl.Callback):
         """This rank's entry of a :func:`gather_per_rank` list (rank modulo its length), own storage."""
         rank = trainer.global_rank if trainer is not None else 0
         return states[rank % len(states)].clone()
+
+
+def _check_shared_hparams(module: pl.LightningModule, datamodule: Any) -> None:
+    """A hyperparameter both the model and the data module take (``block_size``) must agree:
+    Lightning refuses the pair later, deep in its logger, with a traceback."""
+    data_hparams = getattr(datamodule, "hparams", None) or {}
+    shared = {k for k in module.hparams.keys() & data_hparams.keys() if not k.startswith("_")}  # _class_path: the CLI's
+    clashes = [k for k in shared if module.hparams[k] != data_hparams[k]]
+    if clashes:
+        shown = ", ".join(f"model.init_args.{k}={module.hparams[k]!r} vs data.init_args.{k}={data_hparams[k]!r}"
+                          for k in sorted(clashes))  # fmt: skip
+        raise ConfigError(f"the model and the data module disagree: {shown}; set both to the same value")
 
 
 def gather_per_rank(module: pl.LightningModule, state: torch.Tensor) -> list[torch.Tensor]:
