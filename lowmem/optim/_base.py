@@ -6,7 +6,9 @@ functional core; this module only holds what would otherwise be repeated in ever
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 import math
 from typing import Any, ClassVar
@@ -15,8 +17,8 @@ import torch
 from torch.optim import Optimizer
 
 __all__ = [
-    "Capabilities", "LowMemOptimizer", "adam_scalars", "check_hparams", "check_grad", "restore_state_dtypes",
-    "state_dtype_for", "step_groups",
+    "Capabilities", "LowMemOptimizer", "adam_scalars", "check_hparams", "check_grad", "check_non_negative",
+    "restore_state_dtypes", "state_dtype_for", "step_groups",
 ]  # fmt: skip
 
 
@@ -36,33 +38,51 @@ class Capabilities:
     needs_model: bool = False  # built from the model itself (hooks), not from parameters
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.numel() == 1)
+def _finite_number(x: Any) -> bool:
+    """A real number (a Python int or float, or a one-element tensor) that is neither NaN nor inf."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_complex() and bool(torch.isfinite(x).all())
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(name: str, key: str, value: Any, valid: str, in_range: Callable[[float], bool]) -> None:
+    """Raise a one-line ``ValueError`` naming ``key``, ``value`` and the valid range ``valid`` unless
+    ``value`` is a finite number for which ``in_range`` holds."""
+    if not _finite_number(value) or not in_range(float(value)):
+        raise ValueError(f"{name}: invalid {key}={value!r}; it must be {valid}")
 
 
 def check_hparams(
     name: str, *, lr: Any, betas: Any = None, eps: Any = None, weight_decay: Any = None, **positive: Any
 ) -> None:
-    """Raise ``ValueError`` naming the bad value if a standard hyperparameter is out of range.
+    """Raise ``ValueError`` naming the argument, its value and the valid range if a standard
+    hyperparameter is out of range.
 
     ``lr >= 0``; each beta in ``[0, 1)``; ``eps >= 0``; ``weight_decay >= 0``; every extra keyword
-    must be a number ``> 0`` (e.g. ``buffer_size=16``).
+    must be ``> 0`` (e.g. ``buffer_size=16``). Every value must be finite: no update is defined for
+    NaN or inf (a NaN lr or an infinite weight decay makes every weight NaN or inf at the first
+    step, an infinite eps zeroes every update), and a comparison with NaN is always false, so
+    range checks alone let NaN through.
     """
-    if not _is_number(lr) or float(lr) < 0.0:
-        raise ValueError(f"{name}: invalid learning rate lr={lr!r}; it must be a number >= 0")
+    check_non_negative(name, lr=lr)
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"{name}: invalid betas={betas!r}; expected a pair (beta1, beta2)")
         for i, b in enumerate(betas):
-            if not _is_number(b) or not 0.0 <= float(b) < 1.0:
-                raise ValueError(f"{name}: invalid beta{i + 1}={b!r} in betas; each beta must be in [0, 1)")
-    if eps is not None and (not _is_number(eps) or float(eps) < 0.0):
-        raise ValueError(f"{name}: invalid eps={eps!r}; it must be a number >= 0")
-    if weight_decay is not None and (not _is_number(weight_decay) or float(weight_decay) < 0.0):
-        raise ValueError(f"{name}: invalid weight_decay={weight_decay!r}; it must be a number >= 0")
+            _check(name, f"beta{i + 1}", b, "in [0, 1) (betas = (beta1, beta2))", lambda x: 0.0 <= x < 1.0)
+    if eps is not None:
+        check_non_negative(name, eps=eps)
+    if weight_decay is not None:
+        check_non_negative(name, weight_decay=weight_decay)
     for key, value in positive.items():
-        if not _is_number(value) or float(value) <= 0.0:
-            raise ValueError(f"{name}: invalid {key}={value!r}; it must be a number > 0")
+        _check(name, key, value, "a finite number > 0", lambda x: x > 0.0)
+
+
+def check_non_negative(name: str, **values: Any) -> None:
+    """Raise ``ValueError`` naming the key unless every value is a finite number ``>= 0`` (a
+    learning rate such as IOAdam's ``adamw_lr``, an eps, a weight decay)."""
+    for key, value in values.items():
+        _check(name, key, value, "a finite number >= 0", lambda x: x >= 0.0)
 
 
 def check_grad(optimizer_name: str, p: torch.Tensor) -> None:
@@ -90,7 +110,12 @@ def state_dtype_for(p: torch.Tensor, state_in_param_dtype: bool) -> torch.dtype:
 
 
 class LowMemOptimizer(Optimizer):
-    """Base class: a ``torch.optim.Optimizer`` that declares its :class:`Capabilities`."""
+    """Base class: a ``torch.optim.Optimizer`` that declares its :class:`Capabilities`.
+
+    Subclasses that save more than ``optimizer.state`` (or load it differently) extend
+    :meth:`_extend_state_dict` and :meth:`_load_state`, never ``state_dict``/``load_state_dict``:
+    these two run torch's hooks around them, at the points torch's contract puts them.
+    """
 
     capabilities: ClassVar[Capabilities] = Capabilities()
 
@@ -107,15 +132,74 @@ class LowMemOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        _steps_as_tensors(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict`` plus the subclass's entries (:meth:`_extend_state_dict`), added
+        before the ``state_dict`` post-hooks run: they see, and may replace, the final dict."""
+        with _hooks_held_back(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            state_dict = super().state_dict()  # runs the pre-hooks
+        state_dict = self._extend_state_dict(state_dict)
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``Optimizer.load_state_dict``, keeping every state tensor in the dtype it was saved in.
+        """``Optimizer.load_state_dict`` with torch's hook semantics, done by :meth:`_load_state`.
+
+        The pre-hooks run first and what they return is what gets loaded; the post-hooks run
+        last, on the fully loaded optimizer (torch's own load would run both around its part
+        only, before the subclass's).
+        """
+        state_dict = state_dict.copy()  # shallow, as torch: a hook may edit it in place
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with (
+            _hooks_held_back(self, "_optimizer_load_state_dict_pre_hooks"),
+            _hooks_held_back(self, "_optimizer_load_state_dict_post_hooks") as post_hooks,
+        ):
+            self._load_state(state_dict)
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _extend_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The state dict with the subclass's extra entries; here: none."""
+        return state_dict
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        """Load ``state_dict`` (the pre-hooks have run), keeping every state tensor in the dtype it
+        was saved in.
 
         torch casts floating state (except ``step``) to the parameter's dtype on load, which would
         round the fp32 moments of bf16 parameters (and fp32 factors) to bf16.
         """
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
+
+
+@contextmanager
+def _hooks_held_back(optimizer: Optimizer, kind: str) -> Iterator[OrderedDict]:
+    """Empty the optimizer's hook dict ``kind`` (e.g. ``"_optimizer_state_dict_post_hooks"``) for the
+    body and yield the hooks, for the caller to run where torch's contract puts them."""
+    hooks = getattr(optimizer, kind)
+    setattr(optimizer, kind, OrderedDict())
+    try:
+        yield hooks
+    finally:
+        setattr(optimizer, kind, hooks)
+
+
+def _steps_as_tensors(optimizer: Optimizer) -> None:
+    """Turn every per-parameter ``step`` saved as a Python number (older checkpoints; torch's own
+    optimizers accept them) into the 0-d float32 CPU tensor lowmem optimizers count in place."""
+    for state in optimizer.state.values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is not None and not torch.is_tensor(step):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:

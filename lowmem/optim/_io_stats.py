@@ -104,13 +104,37 @@ def io_weights(model: nn.Module) -> tuple[dict[int, list[nn.Linear]], dict[int, 
     return linears, {k: v for k, v in embeddings.items() if v}
 
 
-# The optimizer side of the hooks (implemented by IOAdam; reached through a weak reference so
-# that hooks never keep a discarded optimizer alive):
+# The optimizer side of the hooks (implemented by IOAdam; reached through an _OptRef, a weak
+# reference, so that hooks never keep a discarded optimizer alive):
 #   opt._owns(param) -> bool                         the hooks act only for the optimizer's own weights
 #   opt._io_exponents(param) -> (p, q)
 #   opt._stage_stats(param, out_sum, in_sum)         statistics of one forward/backward pair
 #   opt._fused_momentum(param, x2d, dy2d)            fused mode: stats + M += (1-b1) dY^T X
-_OptRef = Callable[[], Any]
+
+
+class _OptRef:
+    """A weak reference to the optimizer the hooks feed; ``ref()`` is the optimizer or None.
+
+    The hooks live on the model's modules, so they travel with the model: unlike a
+    ``weakref.ref`` (which cannot be pickled) this one pickles, as a dead reference, since the
+    optimizer is not part of a pickled model: an unpickled model's hooks stay inert.
+    ``copy.deepcopy`` keeps it, as it keeps a ``weakref.ref``: a deep copy of the model points at
+    the original optimizer, which does not own the copy's parameters (see :func:`_owner`).
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, optimizer: Any = None) -> None:
+        self._ref = None if optimizer is None else weakref.ref(optimizer)
+
+    def __call__(self) -> Any:
+        return None if self._ref is None else self._ref()
+
+    def __reduce__(self) -> tuple:
+        return _OptRef, ()
+
+    def __deepcopy__(self, memo: dict) -> _OptRef:
+        return self
 
 
 def _owner(ref: _OptRef, param: Tensor) -> Any:
@@ -230,7 +254,7 @@ class StatsHooks:
         params: dict[int, Tensor],
         fused: bool,
     ) -> None:
-        ref = weakref.ref(optimizer)
+        ref = _OptRef(optimizer)
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
         for pid, modules in linears.items():

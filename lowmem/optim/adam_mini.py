@@ -189,7 +189,9 @@ def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
 
     A block of ``per`` rows of an (R, C) tensor is one row of the (R/per, per*C) view, so the
     SlimAdamW row kernel (mean of g^2 over a row, then the Adam update) is exactly Adam-mini's
-    step for it; ``element`` blocks are plain AdamW (the element-wise kernel).
+    step for it; ``element`` blocks are plain AdamW (the element-wise kernel). 0-d and empty
+    tensors are returned: the row split needs rows of at least one element (R = 0 would divide by
+    zero), and the for-loop steps an empty tensor (its ``step`` and its ``v``) for free.
     """
     lib = _native.library()
     if lib is None:
@@ -198,7 +200,7 @@ def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
     rest, elements, rows = [], [], []
     for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         p = tensors[0]
-        if not _native.native_ok(*tensors) or p.ndim == 0:
+        if not _native.native_ok(*tensors) or p.ndim == 0 or p.numel() == 0:
             rest.append(i)
         elif kind == "element":
             elements.append(i)

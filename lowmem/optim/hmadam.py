@@ -88,9 +88,12 @@ class HMAdam(LowMemOptimizer):
       ~1/(1-b1) further steps at the full threshold. For HMAdam the clip acts before the L2 term
       is added, as ``clip_grad_norm_`` acts before ``torch.optim.Adam`` adds ``wd W``. Each group
       compares the one global norm with its own threshold.
-    * **Checkpoints.** :meth:`state_dict` adds a copy of each buffer (``momentum_buffer``) and
-      :meth:`load_state_dict` writes it back into ``p.grad``, so a resumed run continues bit for
-      bit. Save the optimizer state dict, not just the model's.
+    * **Checkpoints.** :meth:`state_dict` adds each buffer (``momentum_buffer``) and
+      :meth:`load_state_dict` copies it back into ``p.grad``, so a resumed run continues bit for
+      bit. Save the optimizer state dict, not just the model's. Like ``v`` and every state
+      tensor of a torch state dict, the buffer is the live tensor, not a copy (a checkpoint
+      costs no parameter-sized memory): ``torch.save`` it, or ``copy.deepcopy`` it to keep a
+      snapshot while training goes on.
     * **Precision.** ``v`` is fp32 for bf16/fp16 parameters unless ``state_in_param_dtype=True``;
       the momentum lives in ``.grad``, i.e. in the parameter's dtype: with bf16 parameters the
       EMA of the gradient is rounded to bf16 (8 bits of mantissa) at every decay and
@@ -310,10 +313,9 @@ class HMAdam(LowMemOptimizer):
         )
 
     # ------------------------------------------------------------------------- checkpointing
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state dict plus, per parameter with a buffer, a copy of it
-        (``momentum_buffer``) and whether ``zero_grad()`` still owes its decay."""
-        sd = super().state_dict()
+    def _extend_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Add, per parameter with a buffer, the buffer itself (``momentum_buffer``, a view of
+        ``p.grad``: no copy) and whether ``zero_grad()`` still owes its decay."""
         state = dict(sd["state"])  # entries are the live per-param dicts: copy before adding keys
         index = 0
         for group in self.param_groups:
@@ -321,16 +323,17 @@ class HMAdam(LowMemOptimizer):
                 if p.grad is not None:
                     state[index] = {
                         **state.get(index, {}),
-                        "momentum_buffer": p.grad.detach().clone(),
+                        "momentum_buffer": p.grad.detach(),
                         "momentum_decay_pending": self._decay_pending,
                     }
                 index += 1
         sd["state"] = state
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load ``v`` and ``step`` with their saved dtype and put each ``momentum_buffer`` back
-        into ``p.grad`` (copied into an existing buffer, else a new one)."""
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        """Load ``v`` and ``step`` with their saved dtype and copy each ``momentum_buffer`` back
+        into ``p.grad`` (into the existing buffer, else a new one): never into the saved tensor,
+        which may be another optimizer's live buffer."""
         momenta, state, pending = {}, {}, True
         for key, entry in state_dict["state"].items():
             entry = dict(entry)
@@ -339,7 +342,7 @@ class HMAdam(LowMemOptimizer):
             pending = bool(entry.pop("momentum_decay_pending", pending))
             if entry:
                 state[key] = entry
-        super().load_state_dict({**state_dict, "state": state})
+        super()._load_state({**state_dict, "state": state})
         params = [p for g in self.param_groups for p in g["params"]]
         for key, entry in state.items():
             # torch casts floating state to the param dtype (bf16 params would lose fp32 v) and,

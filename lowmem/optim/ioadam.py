@@ -45,7 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._base import (
+    Capabilities, LowMemOptimizer, check_grad, check_hparams, check_non_negative, state_dtype_for,
+)  # fmt: skip
 from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum
 from lowmem.optim.roles import weight_decay_param_groups
 
@@ -153,7 +155,7 @@ class IOAdam(LowMemOptimizer):
         if buffer_mode not in _BUFFER_MODES:
             raise ValueError(f"IOAdam: invalid buffer_mode={buffer_mode!r}; expected one of {_BUFFER_MODES}")
         if adamw_lr is not None:
-            check_hparams("IOAdam", lr=adamw_lr)
+            check_non_negative("IOAdam", adamw_lr=adamw_lr)
         if fused:
             _check_single_process()
         defaults = dict(
@@ -213,10 +215,11 @@ class IOAdam(LowMemOptimizer):
         if not self._fused:
             self._staged.clear()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; floating state keeps the dtype it was saved in (torch casts it to the
-        param dtype, which would round fp32 state of bf16 params). Staged statistics are dropped."""
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        """Load state (``load_state_dict``, after its pre-hooks): floating state is copied in the
+        dtype it was saved in (torch casts it to the param dtype, which would round fp32 state of
+        bf16 params). Staged statistics are dropped."""
+        super()._load_state(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [w for g in self.param_groups for w in g["params"]]
         for pid, w in zip(saved_ids, params):
