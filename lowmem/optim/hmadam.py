@@ -307,8 +307,8 @@ class HMAdam(LowMemOptimizer):
             f"(group {group_index}, shape {tuple(p.shape)}) {what} since the optimizer last decayed it: "
             "something zeroed or freed gradients outside the optimizer, e.g. a training loop's model.zero_grad() "
             "or a framework's own zero_grad/set_to_none, and the momentum is lost. Fix: call only "
-            f"optimizer.zero_grad() (it decays the buffers instead of zeroing them) or use lowmem's Lightning "
-            "integration (lowmem.strategies). To restart the momentum on purpose call optimizer.reset_momentum(); "
+            f"optimizer.zero_grad() (it decays the buffers instead of zeroing them); under Lightning give the "
+            "LightningModule the base lowmem.lightning_modules.FoldedMomentumMixin (LowMemModule has it). To restart the momentum on purpose call optimizer.reset_momentum(); "
             "if a framework moved the buffers without changing their values, call optimizer.accept_grad_buffers()."
         )
 
