@@ -155,3 +155,24 @@ def test_compare_rejects_missing_configs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "nope.yaml"])
     assert exit_info.value.code == 2 and "not found: nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("switch", "lr", "weight_decay"),
+    [
+        (["--model.init_args.optimizer=lowmem.strategies.Adafactor"], 1e-2, 0.0),
+        (['--model.init_args.optimizer={"class_path": "lowmem.strategies.Adafactor", "init_args": {"lr": 0.05}}'],
+         0.05, 0.0),
+        (["--model.init_args.optimizer=lowmem.strategies.Adafactor", "--model.init_args.optimizer.init_args.weight_decay=0.2"],
+         1e-2, 0.2),
+        ([], 3e-3, 0.05),  # no switch: the config's own optimizer settings
+    ],
+    ids=["class-only", "dict-with-lr", "class-then-key", "no-switch"],
+)
+def test_switching_the_optimizer_on_the_command_line_starts_from_its_defaults(switch, lr, weight_decay):
+    """The AdamW config sets lr 3e-3 and weight decay 0.05; Adafactor named on the command line
+    must not inherit them (jsonargparse carries over init_args the new class also accepts)."""
+    cli = LowMemCLI(args=["fit", "--config", CNN_CONFIG, *switch, *FAST, "--trainer.max_steps=1",
+                          "--model.init_args.lr_scheduler=null"])  # fmt: skip
+    decayed = cli.trainer.optimizers[0].param_groups[0]
+    assert (decayed["lr"], decayed["weight_decay"]) == (pytest.approx(lr), pytest.approx(weight_decay))

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import sys
 import zipfile
@@ -27,6 +29,8 @@ from typing import Any
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -101,6 +105,7 @@ class LowMemCLI(LightningCLI):
     """LightningCLI with lowmem's conventions; ``LOWMEM_*`` environment variables override keys."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        self._argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -119,6 +124,24 @@ class LowMemCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        """An optimizer class named on the command line starts from its own defaults.
+
+        jsonargparse keeps the config file's ``init_args`` that the new class also accepts, so
+        ``--model.init_args.optimizer=lowmem.strategies.Adafactor`` on an AdamW config would train
+        Adafactor with AdamW's lr and weight decay. Here the new class gets its defaults plus only
+        what the command line itself sets for it.
+        """
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        optimizer = _get(config, "model.init_args.optimizer")
+        explicit = _optimizer_keys_on_command_line(self._argv)
+        if explicit is None or not isinstance(getattr(optimizer, "init_args", None), dict | Namespace):
+            return
+        defaults = _signature_defaults(optimizer.class_path)
+        for key in list(optimizer.init_args.keys()):
+            if key not in explicit and key in defaults:
+                optimizer.init_args[key] = defaults[key]
 
     def _parse_ckpt_path(self) -> None:
         """Refuse a ``--ckpt_path`` that is no file or no checkpoint (truncated, not a ``torch.save``
@@ -194,6 +217,36 @@ class LowMemCLI(LightningCLI):
             print(f"lowmem {stage}: step {self.trainer.global_step}: {shown}")
         if log_dir:
             print(f"lowmem {stage}: logs in {log_dir}")
+
+
+_OPTIMIZER_KEY = "--model.init_args.optimizer"
+
+
+def _optimizer_keys_on_command_line(argv: list[str]) -> set[str] | None:
+    """The optimizer ``init_args`` keys the command line sets, if it names an optimizer class
+    (``--model.init_args.optimizer=<class or {class_path, init_args}>``); else None."""
+    keys: set[str] | None = None
+    for i, token in enumerate(argv):
+        name, _, value = token.partition("=")
+        if name == _OPTIMIZER_KEY:
+            value = value if "=" in token else (argv[i + 1] if i + 1 < len(argv) else "")
+            parsed = yaml.safe_load(value) if value else None
+            keys = set((parsed.get("init_args") or {}) if isinstance(parsed, dict) else ())
+        elif name.startswith(_OPTIMIZER_KEY + ".init_args.") and keys is not None:
+            keys.add(name.removeprefix(_OPTIMIZER_KEY + ".init_args.").split(".")[0])
+    return keys
+
+
+def _signature_defaults(class_path: str) -> dict[str, Any]:
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+def _get(namespace: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        namespace = namespace.get(part) if namespace is not None and hasattr(namespace, "get") else None
+    return namespace
 
 
 def main(args: ArgsType = None) -> None:
