@@ -547,6 +547,11 @@ def _ddp_worker(rank: int, world: int, tmp: str, steps: int, p: float) -> None:
             F.mse_loss(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
             opt.step()
         torch.save([q.detach() for q in net.parameters()], f"{tmp}/rank{rank}.pt")
+        # The DDP reducer holds the process group; drop it and let both ranks finish before the
+        # teardown, or gloo's threads may abort the process at exit ("terminate called without an
+        # active exception", SIGABRT) after a run that succeeded.
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -111,6 +111,7 @@ def main() -> None:
     report["rank"] = dist.get_rank()
     (OUT / f"rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
     dist.barrier()  # both files are written before either process exits
+    dist.destroy_process_group()  # a live group may abort the exit in gloo's destructors (SIGABRT)
 
 
 if __name__ == "__main__":
