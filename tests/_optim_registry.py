@@ -28,6 +28,10 @@ How to add an optimizer
      requires the copy to hold the same state, load a state dict, and leave the original alone.
    - ``bf16_state_dtype``: dtype of the floating state of bf16 params (lowmem's contract: fp32;
      ``None`` = the param's dtype, which is what torch's AdamW does).
+   - ``layout_exact=False`` when a non-contiguous param takes another kernel than a contiguous
+     one (the native fast path takes contiguous float32 tensors only; the others go to the
+     compiled or for-loop kernels, which round differently): layouts then agree to float32
+     tolerance instead of bit for bit.
    - ``invalid_kwargs``: optimizer-specific bad hyperparameters, one ``{name: value}`` each: the
      constructor must raise ``ValueError`` whose message contains the name and ``repr(value)``.
      The standard ones (negative lr/eps/weight_decay, betas outside [0, 1)) are checked for every
@@ -73,6 +77,7 @@ class OptimSpec:
     deepcopy_can_step: bool = True
     bf16_state_dtype: torch.dtype | None = torch.float32
     invalid_kwargs: tuple[Mapping[str, Any], ...] = ()
+    layout_exact: bool = True
 
     def groups(self, model: nn.Module) -> list[dict]:
         """The param groups this optimizer is given for ``model`` (fresh dicts every call)."""
@@ -136,6 +141,21 @@ SPECS: list[OptimSpec] = [
         kwargs={"refresh_every": 3, "second_moment": "mini"},
         param_groups=adapm_param_groups,
     ),
+    # The native fast path (``fused=True``: hand-written C kernels for float32 CPU tensors, the
+    # compiled kernels for other dtypes), which ``fused=None`` picks for models of 2^20+ elements.
+    *[
+        OptimSpec(f"{spec.name}-fused", spec.cls, kwargs={**spec.kwargs, "fused": True}, param_groups=spec.param_groups,
+                  invalid_kwargs=spec.invalid_kwargs, layout_exact=False)  # fmt: skip
+        for spec in (
+            OptimSpec("HMAdamW", HMAdamW, invalid_kwargs=_HMADAM_INVALID),
+            OptimSpec("HMAdam", HMAdam, invalid_kwargs=_HMADAM_INVALID),
+            OptimSpec("AdamS", AdamS),
+            OptimSpec("SlimAdamW", SlimAdamW),
+            OptimSpec("SlimAdamW-roles", SlimAdamW, param_groups=slimadam_param_groups),
+            OptimSpec("AdamMini", AdamMini),
+            OptimSpec("AdamMini-roles", AdamMini, param_groups=adam_mini_param_groups),
+        )
+    ],
     # A small buffer so the slot index wraps around inside the checks.
     OptimSpec(
         "IOAdam",

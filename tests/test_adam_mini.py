@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+from _backends import BACKENDS, use_backend
 import torch
 from adam_mini import Adam_mini
 from torch import nn
@@ -167,20 +168,22 @@ CASES = [  # (shape, block keys, weight decay)
 ]
 
 
-def test_matches_float64_reference_for_every_block_kind() -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_matches_float64_reference_for_every_block_kind(backend, request) -> None:
+    dtype, fused, tol = use_backend(backend, request)
     lr, b1, b2, eps = 1e-2, 0.9, 0.95, 1e-8
     gen = torch.Generator().manual_seed(3)
-    params = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape, _, _ in CASES]
+    params = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape, _, _ in CASES]
     groups = [{"params": [p], "weight_decay": wd, **keys} for p, (_, keys, wd) in zip(params, CASES)]
-    opt = AdamMini(groups, lr=lr, betas=(b1, b2), eps=eps)
-    W = [p.detach().numpy().copy() for p in params]
+    opt = AdamMini(groups, lr=lr, betas=(b1, b2), eps=eps, fused=fused)
+    W = [p.detach().double().numpy().copy() for p in params]
     W0 = [w.copy() for w in W]
     m = [np.zeros_like(w) for w in W]
     v = [np.zeros_like(w) for w in W]
     for t in range(1, 121):
         for i, (p, (shape, keys, wd)) in enumerate(zip(params, CASES)):
-            g = (torch.randn(shape, generator=gen, dtype=torch.float64) * (1 + 4 * (i % 3))).numpy()
-            p.grad = torch.from_numpy(g.copy())
+            g = (torch.randn(shape, generator=gen, dtype=torch.float64) * (1 + 4 * (i % 3))).to(dtype).double().numpy()
+            p.grad = torch.from_numpy(g.copy()).to(dtype)
             k = dict(fan_out_dim=0, head_dim=0, qkv_heads=(1, 1)) | keys
             g2 = ref_block_mean_sq(g, k["block"], k["fan_out_dim"], k["head_dim"], k["qkv_heads"])
             v[i] = b2 * v[i] + (1 - b2) * g2
@@ -189,8 +192,8 @@ def test_matches_float64_reference_for_every_block_kind() -> None:
             W[i] = W[i] - lr * (m[i] / (1 - b1**t)) / (np.sqrt(v[i] / (1 - b2**t)) + eps)
         opt.step()
         for i, p in enumerate(params):
-            got, want = p.detach().numpy() - W0[i], W[i] - W0[i]
-            assert np.linalg.norm(got - want) < 1e-6 * np.linalg.norm(want), (t, CASES[i])
+            got, want = p.detach().double().numpy() - W0[i], W[i] - W0[i]
+            assert np.linalg.norm(got - want) < tol * np.linalg.norm(want), (t, CASES[i])
 
 
 # --------------------------------------------------------------------------- partition

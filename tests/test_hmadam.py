@@ -12,6 +12,7 @@ import math
 from contextlib import nullcontext
 
 import pytest
+from _backends import BACKENDS, use_backend
 import torch
 from torch import nn
 
@@ -120,20 +121,22 @@ def run(opt_cls, params, grads_per_param, accumulation, lrs, reference=None, **k
         (HMAdamW, "none", 1),
     ],
 )
-def test_matches_float64_reference(opt_cls, correction, accumulation):
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_matches_float64_reference(opt_cls, correction, accumulation, backend, request):
+    dtype, fused, tol = use_backend(backend, request)
     steps, betas, eps, wd = 120, (0.9, 0.999), 1e-8, 0.05
-    params = make_params()
+    params = make_params(dtype)
     grads = [micro_grads(p.shape, steps, accumulation, seed=i) for i, p in enumerate(params)]
     lrs = [1e-2 * (1 - t / (2 * steps)) for t in range(steps + 1)]  # a schedule: lr is read every step
     ref = Reference(params, betas=betas, eps=eps, wd=wd, decoupled=opt_cls is HMAdamW, correction=correction)
     opt = run(opt_cls, params, grads, accumulation, lrs[:steps], ref, betas=betas, eps=eps, weight_decay=wd,
-              variance_correction=correction, fused=False)  # fmt: skip
+              variance_correction=correction, fused=fused)  # fmt: skip
     opt.zero_grad()
     ref.zero_grad()
     for i, p in enumerate(params):
-        assert_rel(p, ref.w[i], 1e-6)
-        assert_rel(opt.state[p]["exp_avg_sq"], ref.v[i], 1e-6)
-        assert_rel(p.grad, ref.B[i], 1e-6)  # the momentum, after the decay for the next step
+        assert_rel(p, ref.w[i], tol)
+        assert_rel(opt.state[p]["exp_avg_sq"], ref.v[i], tol)
+        assert_rel(p.grad, ref.B[i], tol)  # the momentum, after the decay for the next step
         assert opt.state[p]["step"].item() == steps
     # Negative control: another variance correction lands far outside the tolerance.
     other = Reference(make_params(), betas=betas, eps=eps, wd=wd, decoupled=opt_cls is HMAdamW,

@@ -1,0 +1,31 @@
+"""Every backend a user can get from a fast-path optimizer, for the float64 reference tests.
+
+``fused=None`` (the default) picks the native kernels for models of 2^20+ elements, so the
+reference checks run on each backend, not on the for-loop alone:
+
+- ``for-loop``: ``fused=False``, float64 params;
+- ``native``: ``fused=True`` on float32 params (the hand-written kernels take float32 only;
+  float32 rounding over ~120 steps stays near 1e-5 of the float64 reference);
+- ``compiled``: ``fused=True`` on float64 params with the native library switched off, i.e. the
+  ``torch.compile``'d kernels (AdamMini has none: its fallback is the for-loop).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# name -> (param dtype, fused, relative tolerance against the float64 reference)
+BACKENDS = {
+    "for-loop": (torch.float64, False, 1e-6),
+    "native": (torch.float32, True, 1e-4),
+    "compiled": (torch.float64, True, 1e-6),
+}
+
+
+def use_backend(name: str, request: pytest.FixtureRequest) -> tuple[torch.dtype, bool, float]:
+    """``(dtype, fused, tolerance)`` of backend ``name``; for ``compiled`` the native library is
+    made unavailable for the test (the ``no_native`` fixture)."""
+    if name == "compiled":
+        request.getfixturevalue("no_native")
+    return BACKENDS[name]
