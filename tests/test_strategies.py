@@ -206,3 +206,36 @@ def test_ioadam_statistics_under_accumulation_equal_the_full_batch():
     single_params, single_state = _ioadam_fit(8, 1)
     assert not torch.allclose(single_state["in_stats"], full_state["in_stats"], rtol=1e-2)
     assert max_param_diff(single_params, full_params) > 1e-3
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_every_optimizer_argument_is_a_strategy_key_with_the_optimizers_default():
+    """Strategies are derived from the optimizers' signatures: same keys, same defaults."""
+    import inspect
+
+    from lowmem.strategies.catalog import REGISTRY
+
+    assert set(REGISTRY) == {"AdamW", "Adafactor", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW", "AdaPM", "IOAdam",
+                             "AdamMini"}  # fmt: skip
+    for name, strategy in REGISTRY.items():
+        keys = inspect.signature(strategy).parameters
+        optimizer_args = list(inspect.signature(strategy.optimizer_class.__init__).parameters.values())[2:]
+        for arg in optimizer_args:
+            assert keys[arg.name].default == arg.default, (name, arg.name)
+
+
+def test_state_in_param_dtype_reaches_the_optimizer_from_a_strategy():
+    for name in ("HMAdamW", "AdamS", "SlimAdamW", "AdamMini", "AdaPM"):
+        optimizer = getattr(strategies, name)(state_in_param_dtype=True).build(cnn(None))
+        assert optimizer.defaults["state_in_param_dtype"] is True, name
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['lrr'\\]"):
+        strategies.AdamW(lrr=1e-3)
+
+
+def test_every_registered_lowmem_optimizer_is_in_the_conformance_suite():
+    from _optim_registry import SPECS
+
+    from lowmem.strategies.catalog import REGISTRY
+
+    lowmem_optimizers = {s.optimizer_class for s in REGISTRY.values() if s.optimizer_class.__module__.startswith("lowmem")}
+    assert lowmem_optimizers <= {spec.cls for spec in SPECS}

@@ -86,7 +86,7 @@ class AdamMini(LowMemOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        weight_decay: float = 0.1,
         *,
         fused: bool | None = None,
         state_in_param_dtype: bool = False,

@@ -1,4 +1,4 @@
-"""One `OptimizerStrategy` per optimizer: the classes a config selects.
+"""One `OptimizerStrategy` per optimizer, each derived from one declaration: the classes a config selects.
 
     model:
       init_args:
@@ -6,12 +6,22 @@
           class_path: lowmem.strategies.HMAdamW
           init_args: {lr: 1.0e-3, weight_decay: 0.01}
 
-Each ``__init__`` lists the optimizer's hyperparameters with their types and defaults, so that
-``--print_config`` and ``--help`` document them and a misspelled key is an error.
+A strategy's keys are the optimizer's own constructor arguments (names, types and defaults read
+from its signature, so the two cannot drift apart and every argument is reachable from YAML),
+the extra arguments of its parameter grouping (SlimAdamW's ``rules``) and ``role_overrides``.
+``--print_config`` and ``--help`` list them; a misspelled key is an error.
+
+Adding an optimizer is one class in ``lowmem.optim`` (its ``capabilities`` declared on it) and
+one :func:`declare` line here; ``REGISTRY`` lists every strategy (the tests check that each of
+its optimizers is in the conformance suite).
 """
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,12 +29,17 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem import optim
+from lowmem.optim.roles import weight_decay_param_groups
 from lowmem.strategies.base import OptimizerStrategy
 
-__all__ = ["AdamW", "Adafactor", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW", "AdaPM", "IOAdam", "AdamMini"]
+__all__ = ["REGISTRY", "AdamW", "Adafactor", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW", "AdaPM", "IOAdam", "AdamMini",
+           "declare"]  # fmt: skip
 
-Betas = tuple[float, float]
-Roles = dict[str, str] | None
+REGISTRY: dict[str, type[OptimizerStrategy]] = {}
+
+# Arguments of a grouping function that the strategy fills in itself, never a config key.
+_GROUPING_OWN = ("model", "overrides", "weight_decay", "n_heads", "dim", "n_kv_heads")
+_KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _attention_shape(module: nn.Module) -> dict[str, Any]:
@@ -36,117 +51,91 @@ def _attention_shape(module: nn.Module) -> dict[str, Any]:
     return {"n_heads": n_heads, "dim": dim}
 
 
-class AdamW(OptimizerStrategy):
-    """``torch.optim.AdamW``, the baseline: m and v per parameter (8 bytes/param in fp32)."""
-
-    optimizer_class = torch.optim.AdamW
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, fused: bool | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-
-
-class Adafactor(OptimizerStrategy):
-    """``torch.optim.Adafactor``: factored second moment, no first moment (torch's defaults)."""
-
-    optimizer_class = torch.optim.Adafactor
-
-    def __init__(self, lr: float = 1e-2, beta2_decay: float = -0.8, eps: tuple[float | None, float] = (None, 1e-3),
-                 d: float = 1.0, weight_decay: float = 0.0, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay)
+def _config_type(annotation: Any) -> Any:
+    """The annotation without ``torch.Tensor`` alternatives (``lr: float | Tensor`` -> ``float``):
+    a config holds numbers; tensors are for code that builds the optimizer itself."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kept = tuple(_config_type(a) for a in args if a is not torch.Tensor)
+        return kept[0] if len(kept) == 1 else typing.Union[kept]  # noqa: UP007
+    if origin is tuple and args:
+        return tuple[tuple(_config_type(a) for a in args)]  # type: ignore[misc]
+    return annotation
 
 
-class HMAdamW(OptimizerStrategy):
-    """HMAdamW: momentum folded into ``.grad``, v only (4 bytes/param of state, plus the persistent
-    gradient buffer). ``gradient_clip_val`` clips the momentum's global norm; see ``clip_gradients``."""
-
-    optimizer_class = optim.HMAdamW
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 variance_correction: str = "noise", fused: bool | None = None,
-                 max_momentum_norm: float | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         variance_correction=variance_correction, fused=fused, max_momentum_norm=max_momentum_norm)  # fmt: skip
+def _keys(function: Callable, skip: Iterable[str]) -> list[inspect.Parameter]:
+    """``function``'s parameters minus ``skip``, keyword-only, with resolved config types."""
+    hints = typing.get_type_hints(function)
+    return [
+        p.replace(kind=_KW, annotation=_config_type(hints.get(name, p.annotation)))
+        for name, p in inspect.signature(function).parameters.items()
+        if name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
 
 
-class HMAdam(HMAdamW):
-    """HMAdam: as HMAdamW with coupled L2 weight decay (``B += wd W`` enters the momentum)."""
+def declare(optimizer_class: type[Optimizer], doc: str,
+            grouping: Callable[..., list[dict]] = weight_decay_param_groups) -> type[OptimizerStrategy]:  # fmt: skip
+    """The strategy class of ``optimizer_class``, registered under its name.
 
-    optimizer_class = optim.HMAdam
+    Its ``__init__`` takes, keyword-only: the optimizer's constructor arguments (all but the first,
+    ``params`` or ``model``), the extra arguments of ``grouping`` (how the optimizer's parameter
+    groups are built from the model), and ``role_overrides`` (not for optimizers built from the
+    model, whose ``__init__`` takes ``model``: they group it themselves).
+    """
+    from_model = list(inspect.signature(optimizer_class.__init__).parameters)[1] == "model"
+    optimizer_keys = _keys(optimizer_class.__init__, ("self", "params", "model"))
+    grouping_keys = [] if from_model else _keys(grouping, _GROUPING_OWN)
+    overrides = [] if from_model else [inspect.Parameter("role_overrides", _KW, default=None,
+                                                         annotation=dict[str, str] | None)]  # fmt: skip
+    names = {p.name for p in optimizer_keys}
+    grouping_names = {p.name for p in grouping_keys}
+    takes_heads = "n_heads" in inspect.signature(grouping).parameters
 
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 variance_correction: str = "noise", fused: bool | None = None,
-                 max_momentum_norm: float | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(lr, betas, eps, weight_decay, variance_correction, fused, max_momentum_norm, role_overrides)
+    def __init__(self: OptimizerStrategy, **kwargs: Any) -> None:
+        unknown = kwargs.keys() - names - grouping_names - {"role_overrides"}
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {sorted(unknown)}")
+        OptimizerStrategy.__init__(self, kwargs.pop("role_overrides", None),
+                                   **{k: v for k, v in kwargs.items() if k in names})  # fmt: skip
+        self.grouping_kwargs = {k: v for k, v in kwargs.items() if k in grouping_names}
 
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *optimizer_keys, *grouping_keys, *overrides]
+    )
+    __init__.__doc__ = optimizer_class.__init__.__doc__ or optimizer_class.__doc__
 
-class AdamS(OptimizerStrategy):
-    """AdamS: momentum as its own normaliser, m only (4 bytes/param). Warm the lr up."""
+    def param_groups(self: OptimizerStrategy, module: nn.Module) -> list[dict]:
+        shape = _attention_shape(module) if takes_heads else {}
+        return grouping(module, overrides=self.role_overrides, **self.grouping_kwargs, **shape)
 
-    optimizer_class = optim.AdamS
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 fused: bool | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-
-
-class SlimAdamW(OptimizerStrategy):
-    """SlimAdamW: v averaged along high-SNR dims by role, or by a rules JSON file (``rules``)."""
-
-    optimizer_class = optim.SlimAdamW
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 rules: str | None = None, fused: bool | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-        self.rules = rules
-
-    def param_groups(self, module: nn.Module) -> list[dict]:
-        return optim.slimadam_param_groups(module, rules=self.rules, overrides=self.role_overrides)
-
-
-class AdaPM(OptimizerStrategy):
-    """AdaPM: no / low-rank / full momentum per block by role; ``second_moment: mini`` for AdaPM-mini."""
-
-    optimizer_class = optim.AdaPM
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 rank_fraction: float = 0.05, refresh_every: int = 100, clip: float | None = 1.0,
-                 second_moment: str = "full", role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         rank_fraction=rank_fraction, refresh_every=refresh_every, clip=clip,
-                         second_moment=second_moment)  # fmt: skip
-
-    def param_groups(self, module: nn.Module) -> list[dict]:
-        return optim.adapm_param_groups(module, overrides=self.role_overrides, **_attention_shape(module))
+    members: dict[str, Any] = {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+                               "__qualname__": optimizer_class.__name__, "optimizer_class": optimizer_class,
+                               "param_groups": param_groups}  # fmt: skip
+    if from_model:
+        members["build"] = lambda self, module: optimizer_class(module, **self.hparams)
+        members["__call__"] = _refuse_params
+    strategy = type(optimizer_class.__name__, (OptimizerStrategy,), members)
+    REGISTRY[strategy.__name__] = strategy
+    return strategy
 
 
-class AdamMini(OptimizerStrategy):
-    """Adam-mini: one v per block (head, row, norm tensor), m full (~4 bytes/param)."""
-
-    optimizer_class = optim.AdamMini
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.1,
-                 fused: bool | None = None, role_overrides: Roles = None) -> None:  # fmt: skip
-        super().__init__(role_overrides, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-
-    def param_groups(self, module: nn.Module) -> list[dict]:
-        return optim.adam_mini_param_groups(module, overrides=self.role_overrides, **_attention_shape(module))
+def _refuse_params(self: OptimizerStrategy, params: Any) -> Optimizer:
+    raise TypeError(f"{self.name} is built from the model (it hooks its layers), not from parameters")
 
 
-class IOAdam(OptimizerStrategy):
-    """IO-Adam for ``nn.Linear`` weights (statistics from hooks), AdamW for the rest. Its best lr is
-    about 10x AdamW's; ``adamw_lr`` sets the other parameters' lr."""
-
-    optimizer_class = optim.IOAdam
-
-    def __init__(self, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.1,
-                 buffer_size: int = 16, p: float = 2.0, buffer_mode: str = "paper", fused: bool = False,
-                 adamw_lr: float | None = None) -> None:  # fmt: skip
-        super().__init__(None, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, buffer_size=buffer_size, p=p,
-                         buffer_mode=buffer_mode, fused=fused, adamw_lr=adamw_lr)  # fmt: skip
-
-    def build(self, module: nn.Module) -> Optimizer:
-        return optim.IOAdam(module, **self.hparams)
-
-    def __call__(self, params: Any) -> Optimizer:
-        raise TypeError("IOAdam is built from the model (it hooks its nn.Linear layers), not from parameters")
+AdamW = declare(torch.optim.AdamW, "``torch.optim.AdamW``, the baseline: m and v per parameter (8 bytes/param in fp32).")
+Adafactor = declare(torch.optim.Adafactor,
+                    "``torch.optim.Adafactor``: factored second moment, no first moment (torch's defaults).")  # fmt: skip
+HMAdamW = declare(optim.HMAdamW, "HMAdamW: momentum folded into ``.grad``, v only (4 bytes/param of state, plus the "
+                  "persistent gradient buffer). ``gradient_clip_val`` clips the momentum's global norm.")  # fmt: skip
+HMAdam = declare(optim.HMAdam, "HMAdam: as HMAdamW with coupled L2 weight decay (``B += wd W`` enters the momentum).")
+AdamS = declare(optim.AdamS, "AdamS: momentum as its own normaliser, m only (4 bytes/param). Warm the lr up.")
+SlimAdamW = declare(optim.SlimAdamW, "SlimAdamW: v averaged along high-SNR dims by role, or by a rules JSON file "
+                    "(``rules``).", grouping=optim.slimadam_param_groups)  # fmt: skip
+AdaPM = declare(optim.AdaPM, "AdaPM: no / low-rank / full momentum per block by role; ``second_moment: mini`` for "
+                "AdaPM-mini.", grouping=optim.adapm_param_groups)  # fmt: skip
+AdamMini = declare(optim.AdamMini, "Adam-mini: one v per block (head, row, norm tensor), m full (~4 bytes/param).",
+                   grouping=optim.adam_mini_param_groups)  # fmt: skip
+IOAdam = declare(optim.IOAdam, "IO-Adam for ``nn.Linear`` weights (statistics from hooks), AdamW for the rest. Its "
+                 "best lr is about 10x AdamW's; ``adamw_lr`` sets the other parameters' lr.")  # fmt: skip
