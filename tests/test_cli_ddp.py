@@ -51,17 +51,19 @@ def lowmem_command() -> list[str]:
 
 
 def write_config(path: Path, optimizer: str) -> Path:
-    """The shipped CNN config, shrunk to seconds, with ``optimizer``, constant lr and in-fit validation."""
-    config = yaml.safe_load((ROOT / "configs" / "cnn_adamw.yaml").read_text())
-    config["model"]["init_args"].update(widths=[4, 8])
-    del config["model"]["init_args"]["lr_scheduler"]  # full lr from step 1: the params move ~lr per step
-    config["model"]["init_args"]["optimizer"] = {
-        "class_path": f"lowmem.strategies.{optimizer}", "init_args": OPTIMIZERS[optimizer],
+    """An overlay of the shipped CNN base config (``base:``, as the shipped configs do, so the DDP
+    launcher's re-run of the command resolves it too), shrunk to seconds, with ``optimizer``,
+    constant lr and in-fit validation."""
+    config = {
+        "base": str(ROOT / "configs" / "base" / "cnn.yaml"),
+        "model": {"init_args": {
+            "widths": [4, 8],
+            "lr_scheduler": None,  # full lr from step 1: the params move ~lr per step
+            "optimizer": {"class_path": f"lowmem.strategies.{optimizer}", "init_args": OPTIMIZERS[optimizer]},
+        }},
+        "trainer": {"accelerator": "cpu", "max_steps": STEPS, "val_check_interval": 3, "limit_val_batches": 2,
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False},
     }  # fmt: skip
-    config["trainer"].update(
-        accelerator="cpu", max_steps=STEPS, val_check_interval=3, limit_val_batches=2, log_every_n_steps=1,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     return path
 

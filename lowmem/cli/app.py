@@ -37,6 +37,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
 from lowmem.cli.compare import compare_main
+from lowmem.cli.config_files import expand_config_bases
 from lowmem.cli.memory import format_memory_table, memory_report
 from lowmem.lightning_modules.base import LowMemModule
 from lowmem.lightning_modules.errors import ConfigError, user_code_error
@@ -105,6 +106,7 @@ class LowMemCLI(LightningCLI):
     """LightningCLI with lowmem's conventions; ``LOWMEM_*`` environment variables override keys."""
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        args = _resolve_config_bases(args)
         self._argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
         super().__init__(
             model_class=LightningModule,
@@ -217,6 +219,22 @@ class LowMemCLI(LightningCLI):
             print(f"lowmem {stage}: step {self.trainer.global_step}: {shown}")
         if log_dir:
             print(f"lowmem {stage}: logs in {log_dir}")
+
+
+def _resolve_config_bases(args: ArgsType) -> ArgsType:
+    """``args`` (or, for the console script, ``sys.argv``, rewritten in place so that Lightning's
+    DDP launcher starts the other ranks with the same arguments) with config bases merged in."""
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else None if args is not None else sys.argv[1:]
+    if argv is None:  # a dict or Namespace: nothing to expand
+        return args
+    try:
+        expanded = expand_config_bases(argv)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(str(err).replace("\n", " ")) from err
+    if args is not None:
+        return expanded
+    sys.argv[1:] = expanded
+    return None
 
 
 _OPTIMIZER_KEY = "--model.init_args.optimizer"
