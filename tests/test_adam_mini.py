@@ -1,4 +1,4 @@
-"""AdamMini (ALGORITHMS.md §6): against the ``adam-mini`` package step by step, against an
+"""AdamMini (docs/algorithms.md §6): against the ``adam-mini`` package step by step, against an
 independent float64 re-implementation for every block kind, and its role-based partition."""
 
 from __future__ import annotations

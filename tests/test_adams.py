@@ -1,4 +1,4 @@
-"""AdamS (ALGORITHMS.md §2) against an independent float64 transcription of the spec."""
+"""AdamS (docs/algorithms.md §2) against an independent float64 transcription of the spec."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SHAPES = [(37, 19), (53,), (5, 3, 3, 3)]
 
 
 def reference_adams(p0, grads, lrs, betas, eps, wd):
-    """ALGORITHMS.md §2, line by line, in float64."""
+    """docs/algorithms.md §2, line by line, in float64."""
     b1, b2 = betas
     p, m = p0.clone(), torch.zeros_like(p0)
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):

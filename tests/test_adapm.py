@@ -1,4 +1,4 @@
-"""AdaPM / AdaPM-mini (ALGORITHMS.md §4): an independent float64 re-implementation of every block,
+"""AdaPM / AdaPM-mini (docs/algorithms.md §4): an independent float64 re-implementation of every block,
 the residual correction's effect on the bias, full rank = full momentum, checkpoints, determinism,
 the role partition and the state-size formula."""
 

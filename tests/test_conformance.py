@@ -1,7 +1,7 @@
 """Conformance suite: the behaviours every optimizer in ``tests/_optim_registry.py`` must have.
 
-Modelled on PyTorch's ``OptimizerInfo`` suite (``test/test_optim.py::TestOptimRenewed``) and on
-research/ecosystem.md §8.3: hyperparameter errors, closures, param groups, ``None``/zero/0-dim/
+Modelled on PyTorch's ``OptimizerInfo`` suite (``test/test_optim.py::TestOptimRenewed``):
+hyperparameter errors, closures, param groups, ``None``/zero/0-dim/
 zero-numel/non-contiguous/sparse gradients, every LR scheduler, LearningRateMonitor keys,
 ``state_dict`` round trips (``weights_only``, dtype, older checkpoints), deepcopy, repr, bf16
 params and ``state_bytes``. ``torch.optim.AdamW`` runs every check too, as the control.

@@ -1,4 +1,4 @@
-"""HMAdam / HMAdamW (ALGORITHMS.md §1) against an independent float64 transcription of the spec.
+"""HMAdam / HMAdamW (docs/algorithms.md §1) against an independent float64 transcription of the spec.
 
 The reference below follows the spec literally: zero_grad() decays B, backward adds the mean
 gradient, step() updates W and v. The optimizer fuses the decay into the end of step(); for the
@@ -22,7 +22,7 @@ SHAPES = [(37, 19), (53,), (5, 3, 3, 3)]
 
 
 class Reference:
-    """ALGORITHMS.md §1 line by line, float64, one tensor per parameter."""
+    """docs/algorithms.md §1 line by line, float64, one tensor per parameter."""
 
     def __init__(self, params, *, betas, eps, wd, decoupled, correction, max_norm=None):
         self.w = [p.detach().clone().double() for p in params]

@@ -1,4 +1,4 @@
-"""IO-Adam (ALGORITHMS.md §5) against an independent dense float64 transcription of the spec."""
+"""IO-Adam (docs/algorithms.md §5) against an independent dense float64 transcription of the spec."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def ref_forward(P: dict[str, torch.Tensor], x: torch.Tensor):
 
 
 def reference_run(init, data, *, lr, betas, eps, wd, b, p, mode, micro=1):
-    """ALGORITHMS.md §5 line by line in float64: X, dY, R, C, M formed explicitly; AdamW for the rest."""
+    """docs/algorithms.md §5 line by line in float64: X, dY, R, C, M formed explicitly; AdamW for the rest."""
     b1, b2 = betas
     q = p / (p - 1)
     P = {k: v.clone().requires_grad_() for k, v in init.items()}

@@ -1,4 +1,4 @@
-"""SlimAdamW (ALGORITHMS.md §3), its group builder, rules files and the SNR tool."""
+"""SlimAdamW (docs/algorithms.md §3), its group builder, rules files and the SNR tool."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lowmem.optim.slim_rules import snr, snr_snapshot_due
 
 
 def reference_slimadamw(p0, grads, lr, betas, eps, wd, dims):
-    """ALGORITHMS.md §3, line by line, in float64."""
+    """docs/algorithms.md §3, line by line, in float64."""
     b1, b2 = betas
     p, m, v = p0.clone(), torch.zeros_like(p0), None
     for t, g in enumerate(grads, start=1):
@@ -232,7 +232,7 @@ class SmallCNN(nn.Module):
 
 DECAY = "default"  # the decayed groups inherit the optimizer's weight decay
 # Expected (compress_dims as tensor axes, weight decay) per parameter, written from the
-# ALGORITHMS.md §3 table by hand for each layout.
+# docs/algorithms.md §3 table by hand for each layout.
 EXPECTED = {
     "nanogpt": {
         "transformer.wte.weight": ((1,), DECAY),  # (vocab, d), tied with lm_head: one v per token

@@ -3,7 +3,7 @@
     from lowmem.optim import HMAdamW
     opt = HMAdamW(model.parameters(), lr=1e-3)
 
-See ``ALGORITHMS.md`` (docs/algorithms.md) for the exact update rules each class implements.
+See ``docs/algorithms.md`` for the exact update rules each class implements.
 """
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer

@@ -1,4 +1,4 @@
-"""AdamMini: the Adam-mini baseline, one second moment per block (ALGORITHMS.md §6).
+"""AdamMini: the Adam-mini baseline, one second moment per block (docs/algorithms.md §6).
 
 Paper: Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More" (arXiv 2406.16793).
 Reference: the ``adam-mini`` package 1.1.1 (zyushun/Adam-mini ``adam_mini/adam_mini.py``); the
@@ -46,7 +46,7 @@ class AdamMini(LowMemOptimizer):
     ``qkv_heads``, which :func:`adam_mini_param_groups` sets by role: per head for query/key, per row
     (per output neuron; per token for embeddings and LM head) for value, attention output, MLP,
     embeddings and LM head, one value per norm weight, plain Adam for biases (norm biases included,
-    as the package; ALGORITHMS.md §6 says "one scalar per norm tensor"). A plain parameter list
+    as the package; docs/algorithms.md §6 says "one scalar per norm tensor"). A plain parameter list
     gets ``block="row"``: one v per output row of each matrix (dim 0), per entry of each vector.
 
     Deliberate differences from the ``adam-mini`` package (which partitions by name substrings):

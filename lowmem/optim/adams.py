@@ -1,4 +1,4 @@
-"""AdamS: Adam with the momentum itself as the normalizer (ALGORITHMS.md §2).
+"""AdamS: Adam with the momentum itself as the normalizer (docs/algorithms.md §2).
 
 Zhang, Wang, Chen, "Momentum itself can be a normalizer" (arXiv 2505.16363); the update follows
 the official code (``pku-huzhang/AdamS``, ``new_optimizers.py``) exactly. Per parameter, with one
@@ -31,7 +31,7 @@ __all__ = ["AdamS", "adams"]
 class AdamS(LowMemOptimizer):
     r"""AdamS: Adam whose second moment is rebuilt from the momentum, so it keeps only ``m``.
 
-    Update rule (ALGORITHMS.md §2, as the official code; ``t`` counts steps from 1)::
+    Update rule (docs/algorithms.md §2, as the official code; ``t`` counts steps from 1)::
 
         W <- W (1 - lr wd)
         denom = sqrt(b2 (m_{t-1} / (1-b1^t))^2 + (1-b2) g_t^2) + eps

@@ -1,4 +1,4 @@
-"""AdaPM: partial momentum per block, low-rank momentum with residual correction (ALGORITHMS.md §4).
+"""AdaPM: partial momentum per block, low-rank momentum with residual correction (docs/algorithms.md §4).
 
 Paper: Zhang, Liu, Fang, "AdaPM: a Partial Momentum Algorithm for LLM Training" (arXiv
 2510.09103). No public code; the decisions the paper leaves open are listed in :class:`AdaPM`.
@@ -37,7 +37,7 @@ _MOMENTUM_BY_ROLE = {
 
 
 class AdaPM(LowMemOptimizer):
-    r"""AdaPM / AdaPM-mini: a different momentum per block (ALGORITHMS.md §4).
+    r"""AdaPM / AdaPM-mini: a different momentum per block (docs/algorithms.md §4).
 
     Param-group key ``momentum`` picks the block type; :func:`adapm_param_groups` sets it by role.
     With ``u = clamp(m / (sqrt(v) + eps), -clip, clip)`` and ``v = b2 v + (1-b2) g^2`` (no bias
@@ -56,7 +56,7 @@ class AdaPM(LowMemOptimizer):
       ``qkv_heads``, thirds by default): ``"lowrank"`` for the q and k parts, ``"full"`` for v.
     - ``"adamw"`` (norms, biases, position embedding, LM head, conv, anything else): exactly
       ``torch.optim.AdamW``: ``W = W (1 - lr wd) - lr (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)``,
-      no clip. ALGORITHMS.md §4 says "full AdamW" for these and defines "AdamW" with bias
+      no clip. docs/algorithms.md §4 says "full AdamW" for these and defines "AdamW" with bias
       correction; the paper's "no bias correction" is about its partial-momentum blocks.
 
     A plain parameter list (no roles) gets ``momentum="full"`` everywhere; build the groups with
@@ -335,7 +335,7 @@ def adapm_param_groups(
     weight_decay: float | None = None,
     overrides: Mapping[str, Role | str] | None = None,
 ) -> list[dict]:
-    """Param groups with AdaPM's partition by role (ALGORITHMS.md §4) and Adam-mini's v blocks.
+    """Param groups with AdaPM's partition by role (docs/algorithms.md §4) and Adam-mini's v blocks.
 
     ``momentum``: token embedding, attention output: ``"none"``; query, key, MLP matrices:
     ``"lowrank"``; value: ``"full"``; fused q/k/v: ``"qkv"``; everything else: ``"adamw"``.

@@ -1,6 +1,6 @@
 """Adam-mini's block partition: which entries of a tensor share one second-moment value.
 
-Used by :class:`~lowmem.optim.AdamMini` (ALGORITHMS.md §6) and by AdaPM-mini (§4). A block is a
+Used by :class:`~lowmem.optim.AdamMini` (docs/algorithms.md §6) and by AdaPM-mini (§4). A block is a
 set of entries that gets one learning rate: ``v_block = EMA of mean_block(g^2)``, broadcast over
 the block in the update. The partition is stated along the tensor's *fan-out* dimension (resolved
 per module type by :func:`lowmem.optim.roles.classify_parameters`), never by raw tensor axis.

@@ -1,4 +1,4 @@
-"""HMAdam / HMAdamW: Adam whose first moment lives in the gradient buffer (ALGORITHMS.md §1).
+"""HMAdam / HMAdamW: Adam whose first moment lives in the gradient buffer (docs/algorithms.md §1).
 
 The only optimizer state is ``v`` (``exp_avg_sq``). The momentum is ``p.grad`` itself, the
 buffer ``B``: instead of being zeroed it is decayed, ``B <- b1 B``, so that the next backward

@@ -1,4 +1,4 @@
-"""IO-Adam: second moments from layer inputs and output gradients (ALGORITHMS.md §5).
+"""IO-Adam: second moments from layer inputs and output gradients (docs/algorithms.md §5).
 
 Chen, Huo, Yan, "IO-Adam: Rethinking Memory-Efficient Adaptive Optimizers from Gradient
 Computation" (ICML 2026). For a Linear weight ``W`` (n_out x n_in) the gradient is

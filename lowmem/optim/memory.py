@@ -1,4 +1,4 @@
-"""Memory accounting: the number every optimizer is judged on (ALGORITHMS.md §7).
+"""Memory accounting: the number every optimizer is judged on (docs/algorithms.md §7).
 
 All figures are bytes of tensor storage held on this process (the local shard for DTensors),
 each tensor counted once even if it is shared or appears in several places.

@@ -1,4 +1,4 @@
-"""Which dims SlimAdamW averages ``v`` over: the role table, rules files and the SNR tool (ALGORITHMS.md §3).
+"""Which dims SlimAdamW averages ``v`` over: the role table, rules files and the SNR tool (docs/algorithms.md §3).
 
 A *rule* says how to compress one parameter's second moment:
 
@@ -42,7 +42,7 @@ __all__ = [
 
 Rule = Union[str, list[int], tuple[int, ...], None]
 
-# ALGORITHMS.md §3 table, in fan terms. The "embedding dim" of an Embedding and of an LM head is
+# docs/algorithms.md §3 table, in fan terms. The "embedding dim" of an Embedding and of an LM head is
 # their fan-in, so "one v per token" is "fan_in" for both (and for a tied head, classified as
 # the embedding it shares).
 #
@@ -207,7 +207,7 @@ def snr_rules(
     cutoff: float = 1.0,
     overrides: Mapping[str, Role | str] | None = None,
 ) -> dict[str, Rule]:
-    """Derive per-parameter SlimAdam rules from snapshots of Adam's second moment (ALGORITHMS.md §3).
+    """Derive per-parameter SlimAdam rules from snapshots of Adam's second moment (docs/algorithms.md §3).
 
     For each parameter and every non-empty set of dims ``K``, average :func:`snr` over its
     snapshots (skipping ``nan`` values); pick the ``K`` with the largest mean SNR among those

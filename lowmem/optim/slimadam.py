@@ -1,4 +1,4 @@
-"""SlimAdamW: AdamW with the second moment averaged over high-SNR dims (ALGORITHMS.md §3).
+"""SlimAdamW: AdamW with the second moment averaged over high-SNR dims (docs/algorithms.md §3).
 
 Kalra, Kirchenbauer, Barkeshli, Goldstein, "When Can You Get Away with Low Memory Adam?"
 (arXiv 2503.01843); maths as the official ``dayal-kalra/low-memory-adam`` ``utils/slimadam.py``.
@@ -74,7 +74,7 @@ def _check_dims(name: str, shape: Sequence[int], compress_dims: tuple[int, ...] 
 class SlimAdamW(LowMemOptimizer):
     r"""SlimAdamW: AdamW whose ``exp_avg_sq`` is averaged over the dims of ``compress_dims``.
 
-    Update rule (ALGORITHMS.md §3; ``K`` = the group's ``compress_dims``, ``t`` from 1)::
+    Update rule (docs/algorithms.md §3; ``K`` = the group's ``compress_dims``, ``t`` from 1)::
 
         m <- b1 m + (1-b1) g
         v <- b2 v + (1-b2) mean_K(g^2)       # mean over K with keepdim, then the EMA
