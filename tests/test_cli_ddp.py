@@ -1,4 +1,4 @@
-"""DDP through the door users use: ``lowmem fit`` started as a command with 2 ranks (gloo, CPU).
+"""DDP and FSDP2 through the door users use: ``lowmem fit`` started as a command with 2 ranks (gloo, CPU).
 
 For every optimizer strategy, the command with ``--trainer.devices=2 --trainer.strategy=ddp`` at
 per-rank batch B must exit 0, write one set of logs (one version folder, one event file, one
@@ -74,23 +74,49 @@ def val_losses(log_dir: Path) -> list[float]:
     return [e.value for e in acc.Scalars("val/loss")]
 
 
+# How the two-rank command runs: DDP, or FSDP2 (LowMemModule.configure_model shards each child
+# with fully_shard; widths 3 and 5 give shards of uneven size, e.g. 2 + 1 output channels).
+LAUNCHES = {
+    "ddp": ["--trainer.strategy=ddp"],
+    "fsdp2": ["--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+              "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
+              "--trainer.strategy.save_distributed_checkpoint=false", "--model.init_args.widths=[3,5]"],
+}  # fmt: skip
+# HMAdamW's momentum is the sharded .grad FSDP2 reduce-scatters into: with 2 micro-batches per step
+# it must still be B = b1 B + mean(g) on every shard.
+LAUNCHES["fsdp2-accumulate"] = [*LAUNCHES["fsdp2"], "--trainer.accumulate_grad_batches=2"]
+FSDP2_OPTIMIZERS = ("AdamW", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW")
+CASES = [("ddp", name) for name in OPTIMIZERS] + [("fsdp2", name) for name in FSDP2_OPTIMIZERS] + [
+    ("fsdp2-accumulate", "HMAdamW"), ("fsdp2-accumulate", "SlimAdamW")]  # fmt: skip
+
+
+def same_maths_args(launch: str) -> list[str]:
+    """The arguments of a launch that the one-process reference takes too (model size, accumulation)."""
+    return [arg for arg in LAUNCHES[launch] if arg.startswith(("--model.", "--trainer.accumulate"))]
+
+
+def run_two_ranks(config: Path, cwd: Path, launch: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [*lowmem_command(), "fit", "--config", str(config), "--trainer.devices=2", *LAUNCHES[launch],
+               f"--data.init_args.batch_size={BATCH}", *extra]  # fmt: skip
+    return subprocess.run(["timeout", "-s", "KILL", str(KILL_AFTER_S), *command], cwd=cwd, env=env,
+                          capture_output=True, text=True, start_new_session=True)  # fmt: skip
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_lowmem_fit_on_two_ranks_matches_one_process_at_the_global_batch(optimizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("launch", "optimizer"), CASES, ids=[f"{launch}-{name}" for launch, name in CASES])
+def test_lowmem_fit_on_two_ranks_matches_one_process_at_the_global_batch(launch, optimizer, tmp_path, monkeypatch):
     config = write_config(tmp_path / "config.yaml", optimizer)
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     single_dir.mkdir(), ddp_dir.mkdir()
 
     monkeypatch.chdir(single_dir)
-    reference = LowMemCLI(args=["fit", "--config", str(config), f"--data.init_args.batch_size={2 * BATCH}"])
+    reference = LowMemCLI(args=["fit", "--config", str(config), f"--data.init_args.batch_size={2 * BATCH}",
+                                *same_maths_args(launch)])  # fmt: skip
     reference_params = {k: v.detach().clone() for k, v in reference.model.state_dict().items()}
     reference_val = val_losses(Path(reference.trainer.log_dir))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [*lowmem_command(), "fit", "--config", str(config), "--trainer.devices=2", "--trainer.strategy=ddp",
-               f"--data.init_args.batch_size={BATCH}"]  # fmt: skip
-    proc = subprocess.run(["timeout", "-s", "KILL", str(KILL_AFTER_S), *command], cwd=ddp_dir, env=env,
-                          capture_output=True, text=True, start_new_session=True)  # fmt: skip
+    proc = run_two_ranks(config, ddp_dir, launch)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
 
     versions = sorted((ddp_dir / "lightning_logs").iterdir())
@@ -105,10 +131,20 @@ def test_lowmem_fit_on_two_ranks_matches_one_process_at_the_global_batch(optimiz
     state = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["state_dict"]
     assert state.keys() == reference_params.keys()
     diff = max(float((state[k].double() - reference_params[k].double()).abs().max()) for k in state)
-    assert diff < 1e-4, f"{optimizer}: max |param difference| {diff:.3g} between 2 ranks and 1 process"
+    assert diff < 1e-4, f"{optimizer} ({launch}): max |param difference| {diff:.3g} between 2 ranks and 1 process"
     ddp_val = val_losses(log_dir)
-    assert len(ddp_val) == len(reference_val) == 2
+    assert len(ddp_val) == len(reference_val) >= 2
     assert ddp_val == pytest.approx(reference_val, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("optimizer", sorted(set(OPTIMIZERS) - set(FSDP2_OPTIMIZERS)))
+def test_fsdp2_refuses_the_optimizers_it_cannot_run_exactly_in_one_line(optimizer, tmp_path):
+    proc = run_two_ranks(write_config(tmp_path / "config.yaml", optimizer), tmp_path, "fsdp2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lowmem: error:")]
+    assert errors and all("FSDP2/ModelParallelStrategy" in line and "trainer.strategy=ddp" in line for line in errors)
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.distributed

@@ -99,6 +99,34 @@ class LowMemModule(FoldedMomentumMixin, pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         return [self.lowmem_callback]
 
+    # --- FSDP2 (ModelParallelStrategy) -------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): ``fully_shard`` each of :meth:`fsdp_units` over
+        the data-parallel mesh (parameters and gradients become DTensors sharded along dim 0).
+        A no-op under every other strategy, and on a second call."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_lowmem_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                f"trainer.strategy.tensor_parallel_size={mesh['tensor_parallel'].size()}: lowmem's models shard with "
+                "FSDP2 data parallelism only; set tensor_parallel_size: 1 and data_parallel_size to the device count"
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for unit in self.fsdp_units():
+            fully_shard(unit, mesh=data_parallel)
+        self._lowmem_sharded = True
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """The modules FSDP2 shards as one unit each (one all-gather per unit in forward): by
+        default every direct child that holds trainable parameters. Override for finer units
+        (e.g. each transformer block); a parameter shared by two units (a tied embedding and LM
+        head) must stay inside one."""
+        return [child for child in self.children() if any(p.requires_grad for p in child.parameters())]
+
     # --- steps -------------------------------------------------------------------------------
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         loss, metrics = self.compute_loss(batch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
 )  # fmt: skip
 from lowmem.optim import _native
-from lowmem.optim._fast import FusedForeach, _no_duck_sizing, check_fused, compile_available, use_fast_path
+from lowmem.optim._fast import FusedForeach, _no_duck_sizing, check_fused, compile_available, local_tensor, use_fast_path
 
 __all__ = ["SlimAdamW", "slimadamw"]
 
@@ -101,9 +101,15 @@ class SlimAdamW(LowMemOptimizer):
             compressed one). ``None`` picks it automatically for large models when
             ``torch.compile`` works; ``False`` is the for-loop reference.
         state_in_param_dtype: keep the state of bf16/fp16 parameters in their dtype, not fp32.
+
+    FSDP2: parameters that ``fully_shard`` split along dim 0 (DTensors) step on their local
+    shards. ``v`` averaged over dims that exclude dim 0 is sharded like the parameter and needs no
+    communication; ``v`` averaged over dim 0 is replicated, and each step all-reduces the ranks'
+    row sums once per such parameter (``comm_bytes_per_step`` counts the bytes). Compressed
+    shards take the for-loop, uncompressed ones the fast path.
     """
 
-    capabilities = Capabilities(needs_param_names=True, needs_full_shapes=True, supports_dtensor=False)
+    capabilities = Capabilities(needs_param_names=True, needs_full_shapes=True, supports_dtensor=True)
 
     def __init__(
         self,
@@ -128,6 +134,7 @@ class SlimAdamW(LowMemOptimizer):
             state_in_param_dtype=state_in_param_dtype,
         )
         super().__init__(params, defaults)
+        self.comm_bytes_per_step = 0  # bytes the last step all-reduced (FSDP2 shards; see comm_bytes)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, checking its ``compress_dims`` against every parameter's shape."""
@@ -158,7 +165,7 @@ class SlimAdamW(LowMemOptimizer):
                 dtype = state_dtype_for(p, group["state_in_param_dtype"])
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros(v_shape, dtype=dtype, device=p.device)
+                state["exp_avg_sq"] = _zeros_reduced(p, dims, v_shape, dtype)
             elif tuple(state["exp_avg_sq"].shape) != v_shape:
                 raise RuntimeError(
                     f"SlimAdamW: exp_avg_sq has shape {tuple(state['exp_avg_sq'].shape)} but compress_dims={dims} "
@@ -180,6 +187,7 @@ class SlimAdamW(LowMemOptimizer):
             with torch.enable_grad():
                 loss = closure()
         total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self.comm_bytes_per_step = 0
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -188,6 +196,7 @@ class SlimAdamW(LowMemOptimizer):
             steps: list[Tensor] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             beta1, beta2 = group["betas"]
+            self.comm_bytes_per_step += comm_bytes(params, exp_avg_sqs, group["compress_dims"])
             slimadamw(
                 params,
                 grads,
@@ -203,6 +212,21 @@ class SlimAdamW(LowMemOptimizer):
                 fused=use_fast_path(group["fused"], total_numel),
             )
         return loss
+
+
+def _zeros_reduced(p: Tensor, dims: tuple[int, ...] | None, v_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The zero ``v`` of ``p``: shape ``v_shape``. For an FSDP2 (DTensor) parameter a DTensor laid
+    out as the reduction over ``dims`` leaves it: sharded along dim 0 where dim 0 is kept (each
+    rank holds its rows), replicated where dim 0 is averaged (one all-reduce per step makes the
+    mean over all ranks' rows)."""
+    if not hasattr(p, "device_mesh"):
+        return torch.zeros(v_shape, dtype=dtype, device=p.device)
+    from torch.distributed.tensor import Partial, Replicate
+
+    v = torch.zeros_like(p, dtype=dtype) if dims is None else torch.zeros_like(p, dtype=dtype).mean(dims, keepdim=True)
+    if any(isinstance(placement, Partial) for placement in v.placements):
+        v = v.redistribute(v.device_mesh, [Replicate()] * v.device_mesh.ndim)
+    return v
 
 
 def slimadamw(
@@ -260,7 +284,12 @@ def _slimadamw_one(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One parameter's step ``step`` (already counted), the maths in the state dtype."""
+    """One parameter's step ``step`` (already counted), the maths in the state dtype. An FSDP2
+    (DTensor) parameter steps on its local shard; see :func:`_mean_sq`."""
+    mean_sq = _mean_sq
+    if _is_dtensor(p):
+        mean_sq = _sharded_mean_sq(p)
+        p, grad, m, v = (local_tensor(t) for t in (p, grad, m, v))
     bc1 = 1.0 - beta1**step
     bc2_sqrt = (1.0 - beta2**step) ** 0.5
     w = p if p.dtype == m.dtype else p.to(m.dtype)  # fp32 maths for low-precision params
@@ -271,15 +300,59 @@ def _slimadamw_one(
     if compress_dims is None:
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     else:
-        # contiguous(): the sum order of a reduction follows the memory layout; this makes a
-        # transposed or channels-last parameter give exactly the result of a contiguous one.
-        g2_mean = (g * g).contiguous().mean(dim=compress_dims, keepdim=True)
-        v.mul_(beta2).add_(g2_mean, alpha=1.0 - beta2)
+        v.mul_(beta2).add_(mean_sq(g, compress_dims), alpha=1.0 - beta2)
     # sqrt(v)/sqrt(bc2) as torch.optim.AdamW writes it, so compress_dims=None matches it closely.
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
     w.addcdiv_(m, denom, value=-lr / bc1)
     if w is not p:
         p.copy_(w)
+
+
+def _mean_sq(g: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``mean(g^2)`` over ``dims``, kept as size-1 dims. contiguous(): the sum order of a
+    reduction follows the memory layout; this makes a transposed or channels-last parameter give
+    exactly the result of a contiguous one."""
+    return (g * g).contiguous().mean(dim=dims, keepdim=True)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
+
+def _check_fsdp_layout(p: Tensor) -> None:
+    from torch.distributed.tensor import Shard
+
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"SlimAdamW runs on FSDP2 parameters sharded along dim 0 over a 1-D mesh (fully_shard); this one has "
+            f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh. Use FSDP2 data parallelism only, or DDP."
+        )
+
+
+def _sharded_mean_sq(p: Tensor) -> Callable[[Tensor, tuple[int, ...]], Tensor]:
+    """:func:`_mean_sq` for the local shard of FSDP2 parameter ``p`` (rows of dim 0 split over
+    ranks, unevenly where the size does not divide; a rank may hold none). Averaged dims that
+    exclude dim 0 are complete on every rank: no communication. Where dim 0 is averaged, each
+    rank sums its rows and one all-reduce of the sums (``v``'s size) makes the global mean."""
+    _check_fsdp_layout(p)
+    full_shape, group = p.shape, p.device_mesh.get_group()
+
+    def mean_sq(g: Tensor, dims: tuple[int, ...]) -> Tensor:
+        if 0 not in dims:
+            return _mean_sq(g, dims)
+        total = (g * g).contiguous().sum(dim=dims, keepdim=True)
+        torch.distributed.all_reduce(total, group=group)
+        return total / math.prod(full_shape[d] for d in dims)
+
+    return mean_sq
+
+
+def comm_bytes(params: Iterable[Tensor], exp_avg_sqs: Iterable[Tensor], dims: tuple[int, ...] | None) -> int:
+    """Bytes one SlimAdamW step all-reduces for these parameters (the payload: ``v``-sized sums of
+    the FSDP2 parameters whose averaged dims include dim 0); 0 without sharding."""
+    if not dims or 0 not in dims:
+        return 0
+    return sum(v.numel() * v.element_size() for p, v in zip(params, exp_avg_sqs) if _is_dtensor(p))
 
 
 # ------------------------------------------------------------------------------ fast path
@@ -465,7 +538,7 @@ def _fused_slimadamw(
         native, compiled, loop = [], [], []
         for i in indices:
             p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
-            view = _matrix_view(p.shape, compress_dims)
+            view = None if _is_dtensor(p) else _matrix_view(p.shape, compress_dims)  # shards: the for-loop
             if view is None or not all(t.is_contiguous() for t in (p, g, m)):
                 loop.append((p, g, m, v))
             else:
