@@ -1,10 +1,11 @@
-"""SlimAdamW on FSDP2 shards (2 processes, gloo): the mean over a sharded dim is global.
+"""SlimAdamW and Adam-mini on FSDP2 shards (2 processes, gloo): statistics that span dim 0 are global.
 
-``fully_shard`` splits dim 0 of every parameter over the ranks: unevenly for Linear(7, 5)
-(3 + 2 rows) and with one rank holding nothing for Linear(3, 1) (a parameter smaller than the
-world size). Averaging v over dim 1 (fan-in of a Linear) needs no communication; averaging over
-dim 0 (fan-out) needs the sums of every rank's rows: one all-reduce of v's size, counted in
-``comm_bytes_per_step``. The control switches that all-reduce off: the result is then wrong.
+``fully_shard`` splits dim 0 of every parameter over the ranks: unevenly where the size does not
+divide (7 rows: 4 + 3), with one rank holding nothing for a parameter of one row (smaller than the
+world size), and through the middle of an attention head (6 rows of heads of 2: rank 0 holds rows
+0-2, so head 1 straddles the boundary). Each case trains 20 steps on 2 ranks at half the batch and
+must end where one process at the whole batch ends; the bytes each step sends are counted
+(``comm_bytes_per_step``). The control switches the collectives off: the result is then wrong.
 """
 
 from __future__ import annotations
@@ -18,45 +19,83 @@ from torch import nn
 
 from lowmem import optim
 
-WORLD, STEPS = 2, 20
+WORLD, STEPS, BATCH = 2, 20, 8
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+class Mlp(nn.Module):
+    """Linear(7, 5) (uneven rows), Linear(5, 3), Linear(3, 1) (one row: smaller than the world)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
-def _groups(model: nn.Module, dim: int) -> list[dict]:
-    return [{"params": [p], "compress_dims": (dim if p.ndim == 2 else None)} for p in model.parameters()]
+class Blocks(nn.Module):
+    """One parameter per Adam-mini block kind, each used in the output."""
+
+    SHAPES = {"head": (6, 7), "qkv": (12, 7), "conv1d": (7, 5), "rows": (7, 7), "tiny": (1, 7), "norm": (7,),
+              "bias": (3,)}  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        for name, shape in self.SHAPES.items():
+            self.register_parameter(name, nn.Parameter(torch.randn(shape) * 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.norm
+        parts = [h @ self.head.T, h @ self.qkv.T, h @ self.conv1d, h @ self.rows.T, h @ self.tiny.T]
+        return torch.cat([p.tanh() for p in parts], dim=1).sum(dim=1, keepdim=True) + self.bias.sum()
 
 
-def _train(model: nn.Module, opt: optim.SlimAdamW, rank: int = 0, world: int = 1) -> None:
+def slim_groups(dim: int):
+    return lambda model: [{"params": [p], "compress_dims": (dim if p.ndim == 2 else None)} for p in model.parameters()]
+
+
+def mini_groups(model: Blocks) -> list[dict]:
+    keys = {"head": dict(block="head", head_dim=2), "qkv": dict(block="qkv", head_dim=2, qkv_heads=(1, 1)),
+            "conv1d": dict(block="row", fan_out_dim=1), "rows": dict(block="row"), "tiny": dict(block="row"),
+            "norm": dict(block="tensor"), "bias": dict(block="element")}  # fmt: skip
+    return [{"params": [p], **keys[name]} for name, p in model.named_parameters()]
+
+
+CASES = {  # name -> (model, optimizer, bytes one step sends)
+    "slim-fan-out-dim0": (Mlp, lambda m: optim.SlimAdamW(slim_groups(0)(m), lr=1e-2, fused=False), 4 * (7 + 5 + 3)),
+    "slim-fan-in-dim1": (Mlp, lambda m: optim.SlimAdamW(slim_groups(1)(m), lr=1e-2, fused=False), 0),
+    # head: 6 all-gathered row means; qkv: 12; conv1d (fan-out dim 1): 5 all-reduced sums; norm: 1.
+    "mini-every-block": (Blocks, lambda m: optim.AdamMini(mini_groups(m), lr=1e-2, fused=False), 4 * (6 + 12 + 5 + 1)),
+}
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, rank: int = 0, world: int = 1) -> None:
     gen = torch.Generator().manual_seed(1)
+    n = BATCH // world
     for _ in range(STEPS):
-        x, y = torch.randn(8, 7, generator=gen), torch.randn(8, 1, generator=gen)
-        n = 8 // world
+        x, y = torch.randn(BATCH, 7, generator=gen), torch.randn(BATCH, 1, generator=gen)
         opt.zero_grad()
         nn.functional.mse_loss(model(x[rank * n : (rank + 1) * n]), y[rank * n : (rank + 1) * n]).backward()
         opt.step()
 
 
-def _worker(rank: int, tmp: str, dim: int, without_all_reduce: bool) -> None:
+def _worker(rank: int, tmp: str, case: str, without_collectives: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
     try:
-        if without_all_reduce:
-            dist.all_reduce = lambda tensor, **kw: None  # the control: local row sums only
-        mesh = init_device_mesh("cpu", (WORLD,))
-        model = _model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        opt = optim.SlimAdamW(_groups(model, dim), lr=1e-2, fused=False)
+        if without_collectives:  # the control: the optimizers see their own rows only
+            _local_statistics_only()
+        make_model, make_opt, _ = CASES[case]
+        model = make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        opt = make_opt(model)
         _train(model, opt, rank, WORLD)
-        full = [p.full_tensor() for p in model.parameters()]
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save({"params": full, "comm_bytes": opt.comm_bytes_per_step}, f"{tmp}/result.pt")
         dist.barrier()
@@ -64,10 +103,25 @@ def _worker(rank: int, tmp: str, dim: int, without_all_reduce: bool) -> None:
         dist.destroy_process_group()
 
 
-def _run_sharded(tmp_path, dim: int, without_all_reduce: bool = False) -> dict:
+def _local_statistics_only() -> None:
+    """Switch off the optimizers' collectives (FSDP2's own reduce-scatter and all-gather stay)."""
+    import lowmem.optim.adam_mini as adam_mini_module
+    from lowmem.optim import _sharding
+
+    def own_rows(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        start, count = _sharding.local_rows(p)
+        full = torch.zeros(p.shape[0], dtype=local.dtype)
+        full[start : start + count] = local
+        return full
+
+    dist.all_reduce = lambda tensor, **kw: None
+    adam_mini_module.gather_rows = own_rows
+
+
+def _run_sharded(tmp_path, case: str, without_collectives: bool = False) -> dict:
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_worker, args=(str(tmp_path), dim, without_all_reduce), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(str(tmp_path), case, without_collectives), nprocs=WORLD, join=False,
                              start_method="spawn")  # fmt: skip
     deadline = time.monotonic() + 120  # a hung collective must fail, not block the suite
     try:
@@ -80,24 +134,23 @@ def _run_sharded(tmp_path, dim: int, without_all_reduce: bool = False) -> dict:
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
-def _reference(dim: int) -> list[torch.Tensor]:
-    model = _model()
-    _train(model, optim.SlimAdamW(_groups(model, dim), lr=1e-2, fused=False))
-    return [p.detach() for p in model.parameters()]
+def _max_diff_to_one_process(case: str, sharded: dict[str, torch.Tensor]) -> float:
+    make_model, make_opt, _ = CASES[case]
+    model = make_model()
+    _train(model, make_opt(model))
+    return max(float((sharded[name] - p.detach()).abs().max()) for name, p in model.named_parameters())
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("dim", [0, 1], ids=["fan-out-dim0-all-reduced", "fan-in-dim1-local"])
-def test_sharded_slimadamw_matches_one_process(dim, tmp_path):
-    result = _run_sharded(tmp_path, dim)
-    diff = max(float((a - b).abs().max()) for a, b in zip(result["params"], _reference(dim)))
-    assert diff < 1e-6, diff
-    # v of the three weights averaged over dim 0: (1, 7) + (1, 5) + (1, 3) float32 sums per step.
-    assert result["comm_bytes"] == (4 * (7 + 5 + 3) if dim == 0 else 0)
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_optimizer_matches_one_process(case, tmp_path):
+    result = _run_sharded(tmp_path, case)
+    assert _max_diff_to_one_process(case, result["params"]) < 1e-6
+    assert result["comm_bytes"] == CASES[case][2]
 
 
 @pytest.mark.distributed
-def test_negative_control_local_row_means_are_wrong(tmp_path):
-    result = _run_sharded(tmp_path, 0, without_all_reduce=True)
-    diff = max(float((a - b).abs().max()) for a, b in zip(result["params"], _reference(0)))
-    assert diff > 1e-3, diff
+@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block"])
+def test_negative_control_without_the_collectives_the_result_is_wrong(case, tmp_path):
+    result = _run_sharded(tmp_path, case, without_collectives=True)
+    assert _max_diff_to_one_process(case, result["params"]) > 1e-3

@@ -19,9 +19,11 @@ from lowmem.optim import _native
 from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
 )  # fmt: skip
-from lowmem.optim._fast import FAST_PATH_MIN_NUMEL, check_fused
+from lowmem.optim._fast import FAST_PATH_MIN_NUMEL, check_fused, local_tensor
+from lowmem.optim._sharding import all_reduce_sum, check_fsdp_layout, gather_rows, is_sharded, local_rows, state_like
 from lowmem.optim.blocks import (
-    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_segments, block_shape, check_block, expand_blocks, group_params,
+    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_means_of_rows, block_segments, block_shape, check_block,
+    expand_blocks, group_params,
     head_config,
 )  # fmt: skip
 from lowmem.optim.roles import Role, classify_parameters
@@ -64,6 +66,11 @@ class AdamMini(LowMemOptimizer):
       the substrings ``norm``, ``ln``, ``bias``);
     - state is fp32 for bf16/fp16 params (the package keeps the param dtype).
 
+    FSDP2 (parameters ``fully_shard`` split along dim 0): each rank steps its shard with the for-loop.
+    Entries and rows of dim 0 need no communication; a norm tensor's mean and rows of another
+    fan-out dim all-reduce their partial sums; head and q/k/v blocks, which may straddle two ranks,
+    all-gather one mean per row. ``comm_bytes_per_step`` counts the bytes of the last step.
+
     Args:
         params: parameters or param groups, best from :func:`adam_mini_param_groups`.
         lr: learning rate (use AdamW's).
@@ -78,7 +85,7 @@ class AdamMini(LowMemOptimizer):
         state_in_param_dtype: keep ``m``/``v`` in the param dtype for bf16/fp16 params.
     """
 
-    capabilities = Capabilities(needs_param_names=True, needs_full_shapes=True, supports_dtensor=False)
+    capabilities = Capabilities(needs_param_names=True, needs_full_shapes=True, supports_dtensor=True)
 
     def __init__(
         self,
@@ -98,6 +105,7 @@ class AdamMini(LowMemOptimizer):
             state_in_param_dtype=state_in_param_dtype, **BLOCK_DEFAULTS,
         )  # fmt: skip
         super().__init__(params, defaults)
+        self.comm_bytes_per_step = 0  # bytes the last step sent between FSDP2 ranks (see comm_bytes)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -115,7 +123,7 @@ class AdamMini(LowMemOptimizer):
                 dtype = state_dtype_for(p, group["state_in_param_dtype"])
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros(block_shape(p.shape, group), dtype=dtype, device=p.device)
+                state["exp_avg_sq"] = _v_state(p, group, dtype)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -130,9 +138,11 @@ class AdamMini(LowMemOptimizer):
             with torch.enable_grad():
                 loss = closure()
         total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self.comm_bytes_per_step = 0
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            self.comm_bytes_per_step += sum(comm_bytes(p, group, v) for p, v in zip(params, exp_avg_sqs))
             beta1, beta2 = group["betas"]
             fused = group["fused"] if group["fused"] is not None else total_numel >= FAST_PATH_MIN_NUMEL
             adam_mini(
@@ -168,18 +178,86 @@ def adam_mini(
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step_t += 1
         step = step_t.item()
+        shard = param if is_sharded(param) else None  # FSDP2: step the local shards
+        if shard is not None:
+            check_fsdp_layout(shard, "AdamMini")
+            param, grad, exp_avg, exp_avg_sq = (local_tensor(t) for t in (param, grad, exp_avg, exp_avg_sq))
         g = grad.to(exp_avg.dtype)
-        exp_avg_sq.mul_(beta2).add_(block_mean_sq(g, blocks), alpha=1 - beta2)
+        mean_sq = block_mean_sq(g, blocks) if shard is None else _sharded_block_mean_sq(g, blocks, shard)
+        exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (expand_blocks(exp_avg_sq, param.shape, blocks).sqrt() / bias_correction2_sqrt).add_(eps)
+        v = expand_blocks(exp_avg_sq, param.shape, blocks) if shard is None else _sharded_expand(exp_avg_sq, blocks, shard)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         if param.dtype == exp_avg.dtype:
             param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         else:  # low-precision param with fp32 state: compute the update in fp32, round once
             param.add_((exp_avg / denom).to(param.dtype), alpha=-lr / bias_correction1)
+
+
+def _fan_out(p: torch.Tensor, blocks: Mapping[str, Any]) -> int:
+    return blocks["fan_out_dim"] % p.ndim
+
+
+def _sharded_block_mean_sq(g: torch.Tensor, blocks: Mapping[str, Any], p: torch.Tensor) -> torch.Tensor:
+    """:func:`~lowmem.optim.blocks.block_mean_sq` of the local shard ``g`` of FSDP2 parameter ``p``,
+    in the layout of its v state (:func:`_v_state`). Entries and whole rows of dim 0 are local; a
+    tensor's mean and rows of another fan-out dim all-reduce their partial sums; head and q/k/v
+    blocks (which may straddle two ranks) all-gather the per-row means, one number per row."""
+    kind, sq = blocks["block"], g.contiguous() * g.contiguous()
+    if kind == "element" or p.ndim == 0:
+        return sq
+    if kind == "tensor":
+        return all_reduce_sum(sq.sum(), p) / p.numel()
+    d = _fan_out(p, blocks)
+    others = [i for i in range(p.ndim) if i != d]
+    if d == 0:
+        row_mean = sq.mean(dim=others, keepdim=True) if others else sq
+        if kind == "row":
+            return row_mean
+        return block_means_of_rows(gather_rows(row_mean.reshape(-1), p), p.shape, blocks)
+    row_mean = all_reduce_sum(sq.sum(dim=others, keepdim=True), p) / (p.numel() // p.shape[d])
+    return row_mean if kind == "row" else block_means_of_rows(row_mean.reshape(-1), p.shape, blocks)
+
+
+def _sharded_expand(v: torch.Tensor, blocks: Mapping[str, Any], p: torch.Tensor) -> torch.Tensor:
+    """The local v of FSDP2 parameter ``p``, broadcastable against its shard: head/q/k/v blocks
+    (held whole on every rank) are expanded and, along dim 0, cut to this rank's rows."""
+    if blocks["block"] not in ("head", "qkv") or p.ndim == 0:
+        return v
+    full = expand_blocks(v, p.shape, blocks)
+    if _fan_out(p, blocks) != 0:
+        return full
+    start, count = local_rows(p)
+    return full[start : start + count]
+
+
+def _v_state(p: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The zero v of ``p``. FSDP2 parameters get a DTensor: sharded like ``p`` where v has one
+    entry per entry or per row of dim 0, replicated where it is per tensor, per row of another
+    fan-out dim or per head (every rank needs those whole)."""
+    shape = block_shape(p.shape, group)
+    if not is_sharded(p):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    kind = group["block"]
+    per_row_0 = p.ndim > 0 and (kind == "element" or (kind == "row" and _fan_out(p, group) == 0))
+    return state_like(p, shape, dtype, sharded_rows=per_row_0)
+
+
+def comm_bytes(p: torch.Tensor, group: Mapping[str, Any], v: torch.Tensor) -> int:
+    """Bytes one Adam-mini step sends for parameter ``p`` (the payload of its all-reduce or
+    all-gather; 0 for a plain tensor, entries and rows of dim 0)."""
+    kind = group["block"]
+    if not is_sharded(p) or kind == "element" or p.ndim == 0:
+        return 0
+    if kind == "tensor":
+        return v.element_size()
+    if _fan_out(p, group) == 0:
+        return 0 if kind == "row" else p.shape[0] * v.element_size()  # all-gathered row means
+    return p.shape[_fan_out(p, group)] * v.element_size()
 
 
 def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,

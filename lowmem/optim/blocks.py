@@ -34,7 +34,8 @@ import torch
 from lowmem.optim.roles import ParamRole, Role, weight_decay_param_groups
 
 __all__ = [
-    "BLOCK_DEFAULTS", "BLOCK_KINDS", "block_keys", "block_mean_sq", "block_segments", "block_shape", "check_block",
+    "BLOCK_DEFAULTS", "BLOCK_KINDS", "block_keys", "block_mean_sq", "block_means_of_rows", "block_segments",
+    "block_shape", "check_block",
     "expand_blocks", "group_params", "head_config", "qkv_split",
 ]  # fmt: skip
 
@@ -146,9 +147,15 @@ def block_mean_sq(grad: torch.Tensor, group: dict) -> torch.Tensor:
     row_mean = sq.mean(dim=others, keepdim=True) if others else sq
     if kind == "row":
         return row_mean
-    # Every row of a block has the same size, so the block mean is the mean of its row means.
-    row_mean, out, start = row_mean.reshape(-1), [], 0
-    for rows, per_block in block_segments(grad.shape, group):
+    return block_means_of_rows(row_mean.reshape(-1), grad.shape, group)
+
+
+def block_means_of_rows(row_mean: torch.Tensor, p_shape: torch.Size, group: dict) -> torch.Tensor:
+    """The ``(n_blocks,)`` v values of a ``head``/``qkv`` parameter from the means of g^2 over each
+    fan-out index (``row_mean``, all ``n`` of them). Every row of a block has the same size, so
+    the block mean is the mean of its row means."""
+    out, start = [], 0
+    for rows, per_block in block_segments(p_shape, group):
         out.append(row_mean[start : start + rows].view(-1, per_block).mean(dim=1))
         start += rows
     return torch.cat(out)

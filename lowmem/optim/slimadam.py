@@ -28,6 +28,7 @@ from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
 )  # fmt: skip
 from lowmem.optim import _native
+from lowmem.optim._sharding import all_reduce_sum, check_fsdp_layout, is_sharded, state_like
 from lowmem.optim._fast import FusedForeach, _no_duck_sizing, check_fused, compile_available, local_tensor, use_fast_path
 
 __all__ = ["SlimAdamW", "slimadamw"]
@@ -215,18 +216,12 @@ class SlimAdamW(LowMemOptimizer):
 
 
 def _zeros_reduced(p: Tensor, dims: tuple[int, ...] | None, v_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """The zero ``v`` of ``p``: shape ``v_shape``. For an FSDP2 (DTensor) parameter a DTensor laid
-    out as the reduction over ``dims`` leaves it: sharded along dim 0 where dim 0 is kept (each
-    rank holds its rows), replicated where dim 0 is averaged (one all-reduce per step makes the
-    mean over all ranks' rows)."""
-    if not hasattr(p, "device_mesh"):
+    """The zero ``v`` of ``p``: shape ``v_shape``. For an FSDP2 parameter a DTensor sharded along
+    dim 0 like ``p`` where dim 0 is kept (each rank holds its rows' v), replicated where dim 0 is
+    averaged (every rank holds the one all-reduced mean)."""
+    if not is_sharded(p):
         return torch.zeros(v_shape, dtype=dtype, device=p.device)
-    from torch.distributed.tensor import Partial, Replicate
-
-    v = torch.zeros_like(p, dtype=dtype) if dims is None else torch.zeros_like(p, dtype=dtype).mean(dims, keepdim=True)
-    if any(isinstance(placement, Partial) for placement in v.placements):
-        v = v.redistribute(v.device_mesh, [Replicate()] * v.device_mesh.ndim)
-    return v
+    return state_like(p, v_shape, dtype, sharded_rows=not dims or 0 not in dims)
 
 
 def slimadamw(
@@ -287,7 +282,7 @@ def _slimadamw_one(
     """One parameter's step ``step`` (already counted), the maths in the state dtype. An FSDP2
     (DTensor) parameter steps on its local shard; see :func:`_mean_sq`."""
     mean_sq = _mean_sq
-    if _is_dtensor(p):
+    if is_sharded(p):
         mean_sq = _sharded_mean_sq(p)
         p, grad, m, v = (local_tensor(t) for t in (p, grad, m, v))
     bc1 = 1.0 - beta1**step
@@ -315,33 +310,18 @@ def _mean_sq(g: Tensor, dims: tuple[int, ...]) -> Tensor:
     return (g * g).contiguous().mean(dim=dims, keepdim=True)
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return hasattr(t, "device_mesh")
-
-
-def _check_fsdp_layout(p: Tensor) -> None:
-    from torch.distributed.tensor import Shard
-
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise NotImplementedError(
-            f"SlimAdamW runs on FSDP2 parameters sharded along dim 0 over a 1-D mesh (fully_shard); this one has "
-            f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh. Use FSDP2 data parallelism only, or DDP."
-        )
-
-
 def _sharded_mean_sq(p: Tensor) -> Callable[[Tensor, tuple[int, ...]], Tensor]:
-    """:func:`_mean_sq` for the local shard of FSDP2 parameter ``p`` (rows of dim 0 split over
-    ranks, unevenly where the size does not divide; a rank may hold none). Averaged dims that
-    exclude dim 0 are complete on every rank: no communication. Where dim 0 is averaged, each
-    rank sums its rows and one all-reduce of the sums (``v``'s size) makes the global mean."""
-    _check_fsdp_layout(p)
-    full_shape, group = p.shape, p.device_mesh.get_group()
+    """:func:`_mean_sq` for the local shard of FSDP2 parameter ``p`` (``lowmem.optim._sharding``).
+    Averaged dims that exclude dim 0 are complete on every rank: no communication. Where dim 0 is
+    averaged, each rank sums its rows and one all-reduce of the sums (``v``'s size) makes the
+    global mean."""
+    check_fsdp_layout(p, "SlimAdamW")
+    full_shape = p.shape
 
     def mean_sq(g: Tensor, dims: tuple[int, ...]) -> Tensor:
         if 0 not in dims:
             return _mean_sq(g, dims)
-        total = (g * g).contiguous().sum(dim=dims, keepdim=True)
-        torch.distributed.all_reduce(total, group=group)
+        total = all_reduce_sum((g * g).contiguous().sum(dim=dims, keepdim=True), p)
         return total / math.prod(full_shape[d] for d in dims)
 
     return mean_sq
@@ -352,7 +332,7 @@ def comm_bytes(params: Iterable[Tensor], exp_avg_sqs: Iterable[Tensor], dims: tu
     the FSDP2 parameters whose averaged dims include dim 0); 0 without sharding."""
     if not dims or 0 not in dims:
         return 0
-    return sum(v.numel() * v.element_size() for p, v in zip(params, exp_avg_sqs) if _is_dtensor(p))
+    return sum(v.numel() * v.element_size() for p, v in zip(params, exp_avg_sqs) if is_sharded(p))
 
 
 # ------------------------------------------------------------------------------ fast path
@@ -538,7 +518,7 @@ def _fused_slimadamw(
         native, compiled, loop = [], [], []
         for i in indices:
             p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
-            view = None if _is_dtensor(p) else _matrix_view(p.shape, compress_dims)  # shards: the for-loop
+            view = None if is_sharded(p) else _matrix_view(p.shape, compress_dims)  # shards: the for-loop
             if view is None or not all(t.is_contiguous() for t in (p, g, m)):
                 loop.append((p, g, m, v))
             else:
