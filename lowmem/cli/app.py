@@ -152,10 +152,14 @@ class LowMemCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in _CKPT_KEYWORDS and not str(ckpt_path).startswith(_CKPT_SCHEMES):
             path = Path(ckpt_path)
-            if not path.is_file():
+            if path.is_dir():  # a distributed (sharded) checkpoint: one folder, one file per rank
+                if not (path / ".metadata").is_file():
+                    raise ConfigError(f"--ckpt_path {ckpt_path} is a folder but not a distributed checkpoint (it has no "
+                                      ".metadata); give a .ckpt file or folder written by a fit")  # fmt: skip
+            elif not path.is_file():
                 raise ConfigError(f"--ckpt_path {ckpt_path}: no such file; give a .ckpt file written by a fit, "
                                   "e.g. lightning_logs/version_0/checkpoints/<name>.ckpt")  # fmt: skip
-            if not zipfile.is_zipfile(path):
+            elif not zipfile.is_zipfile(path):
                 raise ConfigError(f"--ckpt_path {ckpt_path} is not a readable checkpoint (truncated, or not written by "
                                   "torch.save); pick another checkpoint of the run")  # fmt: skip
         super()._parse_ckpt_path()

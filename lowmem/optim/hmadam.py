@@ -343,7 +343,10 @@ class HMAdam(LowMemOptimizer):
             if entry:
                 state[key] = entry
         super()._load_state({**state_dict, "state": state})
-        params = [p for g in self.param_groups for p in g["params"]]
+        # The saved groups' "params" name the keys of "state": indices, or parameter names when
+        # the dict comes from torch.distributed.checkpoint (FSDP2).
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for key, entry in state.items():
             # torch casts floating state to the param dtype (bf16 params would lose fp32 v) and,
             # with "fused" in the group, moves "step" to the param's device: keep them as saved.
