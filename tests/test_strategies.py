@@ -239,3 +239,12 @@ def test_every_registered_lowmem_optimizer_is_in_the_conformance_suite():
 
     lowmem_optimizers = {s.optimizer_class for s in REGISTRY.values() if s.optimizer_class.__module__.startswith("lowmem")}
     assert lowmem_optimizers <= {spec.cls for spec in SPECS}
+
+
+def test_the_readmes_support_matrix_is_the_one_the_checks_compute():
+    from pathlib import Path
+
+    from lowmem.strategies.support import support_matrix
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert support_matrix() in readme
