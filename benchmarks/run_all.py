@@ -1,6 +1,6 @@
 """Run every benchmark, each in its own process, and write their sections of ``docs/benchmarks.md``.
 
-    python -m benchmarks.run_all            # make bench: speed, memory, quality (~35 min on 2 CPU cores)
+    python -m benchmarks.run_all            # make bench: speed, memory, sharding, quality (~35 min on 2 CPU cores)
     python -m benchmarks.run_all --quick    # tiny sizes and budgets: checks that everything runs
     python -m benchmarks.run_all --only speed memory
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from benchmarks.common import DOCS, REPO, load_average, log
 
-BENCHMARKS = ("speed", "memory", "quality")
+BENCHMARKS = ("speed", "memory", "sharding", "quality")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `benchmarks/` is a top-level folder of the repository, not installed
     sys.path.insert(0, str(REPO))
 
-from benchmarks import memory, quality, speed  # noqa: E402
+from benchmarks import memory, quality, sharding, speed  # noqa: E402
 from benchmarks.common import write_section  # noqa: E402
 
 
@@ -82,3 +82,27 @@ def test_floor_counts_the_second_read_of_column_compressed_tensors():
     assert speed.reread_bytes(opt(SlimAdamW, compress_dims=(1,))) == 0  # per output row: one pass
     assert speed.reread_bytes(opt(SlimAdamW, compress_dims=None)) == 0
     assert speed.reread_bytes(opt(HMAdamW)) == 0
+
+
+def test_sharding_benchmark_runs_and_splits_by_the_shard_plan(tmp_path):
+    sharding.main(["--quick", "--optimizers", "AdamS", "SlimAdamW", "--out", str(tmp_path)])
+    section = _section((tmp_path / "benchmarks.md").read_text(), "sharding")
+    assert "| AdamW (fused) |" in section and "| AdamS |" in section and "| SlimAdamW |" in section
+
+
+def test_sharded_state_bytes_follows_fsdp2_chunks():
+    """Rows of dim 0 in torch.chunk order; state per row split, per-column state replicated."""
+    import torch
+
+    from lowmem.optim import SlimAdamW, sharded_state_bytes
+    from lowmem.optim.memory import fsdp2_rows
+
+    assert fsdp2_rows(7, 2) == [4, 3] and fsdp2_rows(1, 2) == [1, 0] and fsdp2_rows(10, 8) == [2, 2, 2, 2, 2, 0, 0, 0]
+    p = torch.nn.Parameter(torch.zeros(7, 5))
+    opt = SlimAdamW([{"params": [p], "compress_dims": (0,)}])  # v: (1, 5), replicated
+    p.grad = torch.ones_like(p)
+    opt.step()
+    ranks = sharded_state_bytes(opt, 2)
+    # m: 4 and 3 rows of 5 floats; v: 5 floats on both; step: one float on both.
+    assert [r["state"] for r in ranks] == [4 * (4 * 5 + 5 + 1), 4 * (3 * 5 + 5 + 1)]
+    assert [r["params"] for r in ranks] == [4 * 20, 4 * 15]

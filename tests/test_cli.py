@@ -176,3 +176,13 @@ def test_switching_the_optimizer_on_the_command_line_starts_from_its_defaults(sw
                           "--model.init_args.lr_scheduler=null"])  # fmt: skip
     decayed = cli.trainer.optimizers[0].param_groups[0]
     assert (decayed["lr"], decayed["weight_decay"]) == (pytest.approx(lr), pytest.approx(weight_decay))
+
+
+def test_memory_subcommand_plans_fsdp2_ranks(capsys):
+    main(["memory", "--config", CNN_CONFIG, "--ranks", "4"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| optimizer"))
+    assert "persistent_per_rank MiB" in header and "persistent_total MiB" in header
+    row = next(line for line in out.splitlines() if line.startswith("| AdamW (baseline)")).split("|")
+    persistent, per_rank, total = (float(row[i]) for i in (6, 7, 8))
+    assert per_rank < persistent / 2 and total == pytest.approx(persistent, rel=0.01)

@@ -68,10 +68,14 @@ def write_config(path: Path, optimizer: str) -> Path:
     return path
 
 
-def val_losses(log_dir: Path) -> list[float]:
+def scalars(log_dir: Path, tag: str) -> list[float]:
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
-    return [e.value for e in acc.Scalars("val/loss")]
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def val_losses(log_dir: Path) -> list[float]:
+    return scalars(log_dir, "val/loss")
 
 
 # How the two-rank command runs: DDP, or FSDP2 (LowMemModule.configure_model shards each child
@@ -132,6 +136,12 @@ def test_lowmem_fit_on_two_ranks_matches_one_process_at_the_global_batch(launch,
     assert state.keys() == reference_params.keys()
     diff = max(float((state[k].double() - reference_params[k].double()).abs().max()) for k in state)
     assert diff < 1e-4, f"{optimizer} ({launch}): max |param difference| {diff:.3g} between 2 ranks and 1 process"
+    # State per rank and in total: DDP replicates the state, FSDP2 splits it (replicated parts aside).
+    per_rank, total = scalars(log_dir, "memory/optimizer_state_mib"), scalars(log_dir, "memory/state_total_mib")
+    if launch == "ddp":
+        assert total == pytest.approx([2 * r for r in per_rank])
+    else:
+        assert all(r < t < 2 * r for r, t in zip(per_rank, total))  # uneven shards: rank 0 holds the larger part
     ddp_val = val_losses(log_dir)
     assert len(ddp_val) == len(reference_val) >= 2
     assert ddp_val == pytest.approx(reference_val, rel=1e-5, abs=1e-6)

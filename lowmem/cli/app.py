@@ -91,15 +91,22 @@ _DESCRIPTION = (
 class LowMemTrainer(Trainer):
     """Lightning's Trainer plus lowmem's own subcommands."""
 
-    def memory(self, model: LightningModule, datamodule: LightningDataModule) -> None:
-        """Print the params/grads/optimizer-state table (MiB) of the config's model and optimizer vs AdamW."""
+    def memory(self, model: LightningModule, datamodule: LightningDataModule, ranks: int = 1) -> None:
+        """Print the params/grads/optimizer-state table (MiB) of the config's model and optimizer vs AdamW.
+
+        Args:
+            ranks: also show the persistent state per rank and in total under FSDP2 with this many
+                ranks (from the shard plan; nothing is started).
+        """
+        if ranks < 1:
+            raise ConfigError(f"--ranks={ranks} must be >= 1 (the number of FSDP2 ranks to plan for)")
         if not isinstance(model, LowMemModule):
             raise ConfigError(
                 f"lowmem memory needs a LowMemModule (it runs compute_loss and swaps the injected optimizer); "
                 f"model.class_path {type(model).__module__}.{type(model).__qualname__} is a plain LightningModule. "
                 "Subclass lowmem.lightning_modules.LowMemModule, or measure with lowmem.optim.state_bytes."
             )
-        print(format_memory_table(memory_report(model, datamodule)))
+        print(format_memory_table(memory_report(model, datamodule, ranks)))
 
 
 class LowMemCLI(LightningCLI):

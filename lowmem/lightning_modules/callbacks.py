@@ -6,6 +6,8 @@ lose exactness in float32):
 - ``memory/params_mib``, ``memory/grads_mib``, ``memory/optimizer_state_mib``,
   ``memory/grad_buffers_mib`` (gradient buffers that persist because the optimizer keeps state
   in them, e.g. HMAdam's momentum) from :func:`lowmem.optim.state_bytes` (local shard per rank);
+  with several ranks also ``memory/<that>_total_mib``, summed over all ranks (one all-reduce of
+  four numbers per logged step);
 - ``memory/peak_mib``: on CUDA the peak allocated by the caching allocator since the previous log
   (``torch.cuda.max_memory_allocated``, reset after each log); on CPU the process's peak resident
   set size (``ru_maxrss``, monotone over the process lifetime);
@@ -27,6 +29,7 @@ from lowmem.optim.memory import state_bytes
 __all__ = ["MemoryMonitor", "peak_memory_mib"]
 
 MIB = float(2**20)
+_TOTALS = ("params", "grads", "state", "grad_buffers")  # summed over ranks under DDP/FSDP2
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -68,6 +71,10 @@ class MemoryMonitor(pl.Callback):
             "memory/peak_mib": peak_memory_mib(pl_module.device),
             "time/step_ms": step_ms,
         }
+        if trainer.world_size > 1:  # every rank logs at the same steps: the reduce is reached by all
+            local = torch.tensor([sizes[k] for k in _TOTALS], dtype=torch.float64, device=pl_module.device)
+            total = trainer.strategy.reduce(local, reduce_op="sum")
+            metrics.update({f"memory/{k}_total_mib": float(v) / MIB for k, v in zip(_TOTALS, total.tolist())})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)

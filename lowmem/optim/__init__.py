@@ -12,7 +12,7 @@ from lowmem.optim.adams import AdamS
 from lowmem.optim.adapm import AdaPM, adapm_param_groups
 from lowmem.optim.hmadam import HMAdam, HMAdamW
 from lowmem.optim.ioadam import IOAdam
-from lowmem.optim.memory import state_bytes, tensor_bytes
+from lowmem.optim.memory import sharded_state_bytes, state_bytes, tensor_bytes
 from lowmem.optim.roles import ParamRole, Role, classify_parameters, weight_decay_param_groups
 from lowmem.optim.slim_rules import load_slim_rules, save_slim_rules, slimadam_param_groups, snr_rules
 from lowmem.optim.slimadam import SlimAdamW
@@ -36,6 +36,7 @@ __all__ = [
     "save_slim_rules",
     "slimadam_param_groups",
     "snr_rules",
+    "sharded_state_bytes",
     "state_bytes",
     "tensor_bytes",
     "weight_decay_param_groups",

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["state_bytes", "tensor_bytes"]
+__all__ = ["fsdp2_rows", "sharded_state_bytes", "state_bytes", "tensor_bytes"]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -68,3 +68,39 @@ def state_bytes(optimizer: Optimizer) -> dict[str, int]:
     }
     out["persistent"] = out["state"] + out["grad_buffers"]
     return out
+
+
+def fsdp2_rows(n: int, world_size: int) -> list[int]:
+    """Rows of a dim of size ``n`` that each rank holds under FSDP2 (``torch.chunk`` order:
+    ``ceil(n / world)`` each, the last ranks fewer, possibly none)."""
+    chunk = -(-n // world_size) if n else 0
+    return [max(0, min(chunk, n - r * chunk)) for r in range(world_size)]
+
+
+def sharded_state_bytes(optimizer: Optimizer, world_size: int) -> list[dict[str, int]]:
+    """:func:`state_bytes` per rank if the optimizer's parameters were sharded by FSDP2 over
+    ``world_size`` ranks, computed from this (unsharded) optimizer and the shard plan: parameters,
+    grads, grad buffers and every state tensor whose dim 0 is the parameter's are split by rows
+    (:func:`fsdp2_rows`); other state (per-tensor, per-column or per-head values, step counts)
+    is replicated on every rank, as lowmem's FSDP2 optimizers hold it."""
+    per_rank = [dict.fromkeys(("params", "grads", "state", "grad_buffers"), 0) for _ in range(world_size)]
+    folds = getattr(getattr(optimizer, "capabilities", None), "folds_momentum_into_grad", False)
+    seen: set[int] = set()
+    for p in (p for g in optimizer.param_groups for p in g["params"]):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        rows = fsdp2_rows(p.shape[0], world_size) if p.ndim else [1] * world_size
+        n = p.shape[0] if p.ndim else 1
+        tensors = {"params": [p], "grads": [p.grad] if p.grad is not None else [], "grad_buffers": [p] if folds else []}
+        tensors["state"] = [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        for key, group in tensors.items():
+            for t in group:
+                size = t.numel() * t.element_size()
+                split = p.ndim > 0 and t.ndim > 0 and t.shape[0] == n
+                for r in range(world_size):
+                    per_rank[r][key] += size * rows[r] // n if split else size
+    for sizes in per_rank:
+        sizes["persistent"] = sizes["state"] + sizes["grad_buffers"]
+    return per_rank
+
