@@ -186,3 +186,40 @@ def test_memory_subcommand_plans_fsdp2_ranks(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| AdamW (baseline)")).split("|")
     persistent, per_rank, total = (float(row[i]) for i in (6, 7, 8))
     assert per_rank < persistent / 2 and total == pytest.approx(persistent, rel=0.01)
+
+
+@pytest.fixture
+def cnn_checkpoint(tmp_path):
+    """A 2-step AdamW checkpoint of the CNN config with widths [4]."""
+    main(["fit", "--config", CNN_CONFIG, "--model.init_args.widths=[4]", "--trainer.max_steps=2",
+          "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    return str(next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.init_args.widths=[8]"], "model.init_args.widths: [4] in the checkpoint, [8] in the config"),
+        (["--model=lowmem.lightning_modules.DiffusionModel"], "holds a lowmem.lightning_modules.ImageClassifier"),
+        (["--model.init_args.widths=[4]", "--model.init_args.optimizer=lowmem.strategies.HMAdamW"],
+         "the checkpoint holds the state of torch.optim.adamw.AdamW, but this run trains lowmem.optim.hmadam.HMAdamW"),
+    ],
+    ids=["other-hyperparameters", "other-model-class", "other-optimizer"],
+)
+def test_resuming_a_checkpoint_of_another_model_or_optimizer_is_one_line(cnn_checkpoint, args, expected, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CNN_CONFIG, *args, "--ckpt_path", cnn_checkpoint, "--trainer.max_steps=4",
+              "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+
+
+def test_validating_a_checkpoint_with_other_settings_notes_them(cnn_checkpoint, capsys):
+    capsys.readouterr()
+    main(["validate", "--config", CNN_CONFIG, "--ckpt_path", cnn_checkpoint, "--trainer.limit_val_batches=1",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "note: evaluating the checkpoint's model (model.init_args.widths: [4] in the checkpoint" in captured.err
+    assert "lowmem validate: step 0: val/acc=" in captured.out

@@ -169,7 +169,34 @@ class LowMemCLI(LightningCLI):
             elif not zipfile.is_zipfile(path):
                 raise ConfigError(f"--ckpt_path {ckpt_path} is not a readable checkpoint (truncated, or not written by "
                                   "torch.save); pick another checkpoint of the run")  # fmt: skip
+            else:
+                self._check_checkpoint_model(subcommand, ckpt_path)
         super()._parse_ckpt_path()
+
+    def _check_checkpoint_model(self, subcommand: str, ckpt_path: str) -> None:
+        """The checkpoint's model against the config's: another class is an error; other
+        hyperparameters are an error when resuming a fit (the weights would not fit, or training
+        would silently change model) and a note for validate/test/predict, which evaluate the
+        checkpoint's model (Lightning takes its hyperparameters)."""
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        model = self.config[subcommand].get("model")
+        if not saved or model is None or "_class_path" not in saved:
+            return
+        configured = model.get("class_path")
+        if configured and saved["_class_path"] != configured:
+            raise ConfigError(f"--ckpt_path {ckpt_path} holds a {saved['_class_path']}, but model.class_path is "
+                              f"{configured}; use the config the checkpoint was trained with")  # fmt: skip
+        init_args = model.get("init_args") or {}
+        differ = sorted(k for k, v in saved.items() if not k.startswith("_") and k in init_args
+                        and _plain(init_args[k]) != _plain(v))  # fmt: skip
+        if not differ:
+            return
+        shown = ", ".join(f"model.init_args.{k}: {_plain(saved[k])!r} in the checkpoint, {_plain(init_args[k])!r} "
+                          "in the config" for k in differ)  # fmt: skip
+        if subcommand == "fit":
+            raise ConfigError(f"--ckpt_path {ckpt_path} was trained with other model settings ({shown}); resume "
+                              "with the checkpoint's settings")  # fmt: skip
+        print(f"lowmem {subcommand}: note: evaluating the checkpoint's model ({shown})", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Swap ``trainer.precision`` for the plugin the optimizer strategy needs (fp16 + HMAdam)."""
@@ -270,6 +297,11 @@ def _signature_defaults(class_path: str) -> dict[str, Any]:
     module, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+def _plain(value: Any) -> Any:
+    """Lists for tuples (YAML gives lists, signatures tuples), for comparing hyperparameters."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _get(namespace: Any, dotted: str) -> Any:

@@ -38,6 +38,8 @@ its first moment in ``.grad``) must own:
   callback), so the checkpoints on disk are the last good ones. Under a scaler that skips
   overflow steps (fp16) this check is off: the scaler handles them. It costs one host sync and,
   under DDP, one all-reduce of a flag per step; ``stop_on_nonfinite_loss=False`` switches it off;
+- checkpoints name their optimizers' classes; resuming a fit with another optimizer is refused
+  before its state is loaded;
 - it logs ``precision/momentum_resets`` under :class:`~lowmem.strategies.FoldedMomentumPrecision`.
 """
 
@@ -56,6 +58,7 @@ from lowmem.strategies.checks import check_trainer, clip_gradients
 __all__ = ["FoldedMomentumMixin", "LowMemCallback", "TrainingDiverged"]
 
 RNG_KEY = "lowmem_rng_stream"  # checkpoint key: the training stream's RNG states, one per rank
+OPTIMIZERS_KEY = "lowmem_optimizers"  # checkpoint key: the optimizers' classes, for resume checks
 
 
 class FoldedMomentumMixin:
@@ -88,6 +91,7 @@ class LowMemCallback(pl.Callback):
     def __init__(self, stop_on_nonfinite_loss: bool = True) -> None:
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
         self.rng_stream: dict[str, torch.Tensor] | None = None  # global RNG state(s) of the training stream
+        self._saved_optimizers: list[str] | None = None  # the optimizers of a checkpoint being resumed
         self._in_train_batch = False
 
     # --- fit start -------------------------------------------------------------------------------
@@ -112,6 +116,7 @@ class LowMemCallback(pl.Callback):
                     "lowmem.lightning_modules.FoldedMomentumMixin, placed before LightningModule in its bases "
                     "(or subclass lowmem.lightning_modules.LowMemModule)."
                 )
+        self._check_resumed_optimizers(trainer)
         if self.rng_stream is None:  # neither restored nor left by an earlier fit: start it here
             self.rng_stream = _rng_state(pl_module.device)
 
@@ -131,6 +136,18 @@ class LowMemCallback(pl.Callback):
         if isinstance(plugin, FoldedMomentumPrecision):
             pl_module.log("precision/momentum_resets", float(plugin.momentum_resets), on_step=True, batch_size=1)
 
+    def _check_resumed_optimizers(self, trainer: pl.Trainer) -> None:
+        """A resumed fit must train the optimizer(s) the checkpoint holds the state of: another
+        one would take that state as its own (dead state, or a KeyError at the first step)."""
+        saved, self._saved_optimizers = self._saved_optimizers, None
+        configured = [_qualified(o) for o in trainer.optimizers]
+        if saved is not None and saved != configured:
+            raise ConfigError(
+                f"the checkpoint holds the state of {', '.join(saved)}, but this run trains {', '.join(configured)}; "
+                "resume with the optimizer the checkpoint was trained with (model.init_args.optimizer), or train "
+                "from scratch without --ckpt_path"
+            )
+
     def _stop_if_diverged(self, trainer: pl.Trainer, outputs: Any) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not self.stop_on_nonfinite_loss or not isinstance(loss, torch.Tensor):
@@ -146,12 +163,14 @@ class LowMemCallback(pl.Callback):
             )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[OPTIMIZERS_KEY] = [_qualified(o) for o in trainer.optimizers]
         # A checkpoint written inside a training batch (before on_train_batch_end) holds the live state.
         stream = _rng_state(pl_module.device) if self._in_train_batch else self.rng_stream
         if stream is not None:
             checkpoint[RNG_KEY] = {name: gather_per_rank(pl_module, state) for name, state in stream.items()}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved_optimizers = checkpoint.get(OPTIMIZERS_KEY)
         saved = checkpoint.get(RNG_KEY)
         if saved is not None:
             self.rng_stream = {name: LowMemCallback.this_rank(trainer, states) for name, states in saved.items()}
@@ -161,6 +180,11 @@ class LowMemCallback(pl.Callback):
         """This rank's entry of a :func:`gather_per_rank` list (rank modulo its length), own storage."""
         rank = trainer.global_rank if trainer is not None else 0
         return states[rank % len(states)].clone()
+
+
+def _qualified(optimizer: Any) -> str:
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
 
 
 def _check_shared_hparams(module: pl.LightningModule, datamodule: Any) -> None:
