@@ -102,10 +102,12 @@ def test_user_subclass_selected_by_class_path(monkeypatch):
          "model.init_args.block_size=64 vs data.init_args.block_size=32"),
         (["fit", "--config", CNN_CONFIG, "--trainer.gradient_clip_val=-1", *FAST], "gradient_clip_val=-1 must be"),
         (["fit", "--config", CNN_CONFIG, "--trainer.accelerator=gpu", *FAST], "No supported gpu backend found"),
+        (["fit", "--config", CNN_CONFIG, *FAST, "--trainer.val_check_interval=1000"],
+         "`val_check_interval` (1000) must be less than or equal to the number of the training batches"),
     ],
     ids=["missing-file", "unknown-class", "misspelled-model-key", "misspelled-trainer-key", "bad-lr", "bad-model-arg",
          "bad-subcommand", "missing-ckpt", "truncated-ckpt", "block-size-clash", "negative-clip",
-         "lightning-misconfiguration"],  # fmt: skip
+         "lightning-misconfiguration", "lightning-value-error"],  # fmt: skip
 )
 def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys, tmp_path):
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole archive")
@@ -223,3 +225,36 @@ def test_validating_a_checkpoint_with_other_settings_notes_them(cnn_checkpoint, 
     captured = capsys.readouterr()
     assert "note: evaluating the checkpoint's model (model.init_args.widths: [4] in the checkpoint" in captured.err
     assert "lowmem validate: step 0: val/acc=" in captured.out
+
+
+SHORT = ["--config", CNN_CONFIG, "--model.init_args.widths=[4]", "--trainer.val_check_interval=10",
+         "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+def test_a_run_shorter_than_val_check_interval_is_validated_and_checkpointed(tmp_path, capsys):
+    main(["fit", *SHORT, "--trainer.max_steps=5"])
+    assert "lowmem fit: step 5: val/acc=" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "lightning_logs" / "version_0" / "checkpoints").iterdir()] == [
+        "epoch=0-step=5.ckpt"]  # fmt: skip
+
+
+def test_ckpt_path_last_resumes_the_newest_checkpoint_of_earlier_runs(tmp_path, capsys):
+    """5 steps, then `--ckpt_path last` to 8 (a new version folder, as Lightning makes one per run):
+    the same parameters and loop state as 8 uninterrupted steps."""
+    main(["fit", *SHORT, "--trainer.max_steps=5", "--trainer.default_root_dir=resumed"])
+    main(["fit", *SHORT, "--trainer.max_steps=8", "--trainer.default_root_dir=resumed", "--ckpt_path", "last"])
+    assert "--ckpt_path last: resuming from resumed/lightning_logs/version_0/checkpoints/epoch=0-step=5.ckpt" in (
+        capsys.readouterr().err)  # fmt: skip
+    main(["fit", *SHORT, "--trainer.max_steps=8", "--trainer.default_root_dir=straight"])
+    resumed, straight = (torch.load(next((tmp_path / d).glob("lightning_logs/*/checkpoints/*step=8.ckpt")),
+                                    weights_only=False) for d in ("resumed", "straight"))  # fmt: skip
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in straight["state_dict"].items())
+    assert resumed["loops"] == straight["loops"]
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, capsys):
+    main(["fit", *SHORT, "--trainer.max_steps=1", "--ckpt_path", "last"])
+    assert "no checkpoint under" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", *SHORT, "--ckpt_path", "last", "--trainer.default_root_dir=elsewhere"])
+    assert exit_info.value.code == 2 and "--ckpt_path last: no checkpoint under" in capsys.readouterr().err

@@ -99,8 +99,17 @@ def same_maths_args(launch: str) -> list[str]:
     return [arg for arg in LAUNCHES[launch] if arg.startswith(("--model.", "--trainer.accumulate"))]
 
 
+# Variables a launcher sets for its ranks: a test process that has them must not pass them on.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
 def run_two_ranks(config: Path, cwd: Path, launch: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     command = [*lowmem_command(), "fit", "--config", str(config), "--trainer.devices=2", *LAUNCHES[launch],
                f"--data.init_args.batch_size={BATCH}", *extra]  # fmt: skip
     return subprocess.run(["timeout", "-s", "KILL", str(KILL_AFTER_S), *command], cwd=cwd, env=env,
@@ -234,7 +243,7 @@ def test_fsdp2_distributed_checkpoint_resumes_bit_for_bit_on_two_ranks(optimizer
 
 
 @pytest.mark.distributed
-def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one_process_at_the_global_batch(tmp_path, monkeypatch):
+def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one_process_at_the_global_batch(tmp_path):
     """Another world size: the 2-rank distributed checkpoint, resumed by one process at the same
     global batch, ends where the 2-rank run ends (to float rounding: the sums run in another order)."""
     config = _checkpointed_config(tmp_path / "config.yaml", "HMAdamW")
@@ -244,17 +253,16 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one_process_at_the_global_batc
     finally:
         del LAUNCHES["fsdp2-sharded"]
     ckpts = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
-    monkeypatch.chdir(tmp_path)
-    try:
-        LowMemCLI(args=["fit", "--config", str(config), "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-                        "--trainer.strategy.data_parallel_size=1", "--trainer.strategy.tensor_parallel_size=1",
-                        "--model.init_args.widths=[3,5]", f"--data.init_args.batch_size={2 * BATCH}",
-                        "--ckpt_path", str(ckpts / "step=3.ckpt")])  # fmt: skip
-    finally:  # ModelParallelStrategy started a one-rank process group in this process
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # The command, not LowMemCLI in this process: Lightning would leave MASTER_PORT and a process
+    # group here, which later subprocess tests inherit.
+    one = subprocess.run(["timeout", "-s", "KILL", str(KILL_AFTER_S), *lowmem_command(), "fit", "--config", str(config),
+                          "--trainer.devices=1", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+                          "--trainer.strategy.data_parallel_size=1", "--trainer.strategy.tensor_parallel_size=1",
+                          "--model.init_args.widths=[3,5]", f"--data.init_args.batch_size={2 * BATCH}",
+                          "--ckpt_path", str(ckpts / "step=3.ckpt")],
+                         cwd=tmp_path, capture_output=True, text=True, start_new_session=True,
+                         env=child_env())  # fmt: skip
+    assert one.returncode == 0, one.stderr[-4000:]
     two = _consolidated(ckpts / "step=6.ckpt", tmp_path / "two.pt")["state_dict"]
     one = _consolidated(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "step=6.ckpt", tmp_path / "one.pt")
     diff = max(float((two[k] - one["state_dict"][k]).abs().max()) for k in two)

@@ -25,7 +25,8 @@ KILL_AFTER_S = 180  # ~25 s on an idle 2-core machine
 @pytest.fixture(scope="module")
 def ddp_reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         ["timeout", "-s", "KILL", str(KILL_AFTER_S), sys.executable, str(SCRIPT), str(out)],
         capture_output=True, text=True, env=env, start_new_session=True,

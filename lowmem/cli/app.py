@@ -34,13 +34,14 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
 from lowmem.cli.compare import compare_main
 from lowmem.cli.config_files import expand_config_bases
 from lowmem.cli.memory import format_memory_table, memory_report
 from lowmem.lightning_modules.base import LowMemModule
-from lowmem.lightning_modules.errors import ConfigError, user_code_error
+from lowmem.lightning_modules.errors import ConfigError, lightning_config_error, user_code_error
 from lowmem.lightning_modules.callbacks import MemoryMonitor
 from lowmem.lightning_modules.integration import LowMemCallback, TrainingDiverged
 from lowmem.strategies import StrategyError
@@ -157,6 +158,8 @@ class LowMemCLI(LightningCLI):
         archive) in one line, before Lightning reads the hyperparameters from it."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            ckpt_path = self.config[subcommand]["ckpt_path"] = self._resolve_last(subcommand)
         if ckpt_path and ckpt_path not in _CKPT_KEYWORDS and not str(ckpt_path).startswith(_CKPT_SCHEMES):
             path = Path(ckpt_path)
             if path.is_dir():  # a distributed (sharded) checkpoint: one folder, one file per rank
@@ -172,6 +175,26 @@ class LowMemCLI(LightningCLI):
             else:
                 self._check_checkpoint_model(subcommand, ckpt_path)
         super()._parse_ckpt_path()
+
+    def _resolve_last(self, subcommand: str) -> str | None:
+        """``--ckpt_path last``: the newest checkpoint any earlier run in this folder wrote
+        (``<default_root_dir>/lightning_logs/version_*/checkpoints/``, or ``checkpoints/`` without
+        a logger). Lightning looks only in this run's new ``version_N`` folder, finds nothing, and
+        starts from step 0; a fit with none to resume says so and starts from step 0."""
+        root = Path(self.config[subcommand]["trainer"].get("default_root_dir") or os.getcwd())
+        candidates = [*root.glob("lightning_logs/*/checkpoints/*.ckpt"), *root.glob("checkpoints/*.ckpt")]
+        stamp = lambda p: (p / ".metadata" if p.is_dir() else p).stat().st_mtime  # noqa: E731
+        candidates = [p for p in candidates if p.is_file() or (p / ".metadata").is_file()]
+        if candidates:
+            newest = max(candidates, key=stamp)
+            print(f"lowmem {subcommand}: --ckpt_path last: resuming from {newest}", file=sys.stderr)
+            return str(newest)
+        if subcommand != "fit":
+            raise ConfigError(f"--ckpt_path last: no checkpoint under {root}/lightning_logs/*/checkpoints to "
+                              f"{subcommand}; give the path of a .ckpt file")  # fmt: skip
+        print(f"lowmem fit: --ckpt_path last: no checkpoint under {root}/lightning_logs yet; starting from step 0",
+              file=sys.stderr)  # fmt: skip
+        return None
 
     def _check_checkpoint_model(self, subcommand: str, ckpt_path: str) -> None:
         """The checkpoint's model against the config's: another class is an error; other
@@ -234,7 +257,21 @@ class LowMemCLI(LightningCLI):
                   "(untrained); pass --ckpt_path path/to/file.ckpt to evaluate a trained one", file=sys.stderr)  # fmt: skip
 
     def after_fit(self) -> None:
+        self._validate_if_none_ran()
         self._report("fit")
+
+    def _validate_if_none_ran(self) -> None:
+        """A fit that ended before its first validation (``max_steps`` below ``val_check_interval``)
+        is validated once at its end, so every fit reports ``val/*`` (and ``lowmem compare`` has a
+        number); not when validation is switched off (``limit_val_batches: 0``)."""
+        trainer = self.trainer
+        if trainer.limit_val_batches == 0 or trainer.global_step == 0 or trainer.interrupted:
+            return
+        if any(k.startswith("val/") for k in trainer.callback_metrics):
+            return
+        if not (is_overridden("validation_step", self.model) and is_overridden("val_dataloader", self.datamodule)):
+            return
+        trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
 
     def after_validate(self) -> None:
         self._report("validate")
@@ -328,6 +365,12 @@ def main(args: ArgsType = None) -> None:
         _close_process_group(wait_for_peers=False)
         print(f"lowmem: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ValueError as err:
+        _close_process_group(wait_for_peers=False)
+        if not lightning_config_error(err):
+            raise
+        print(f"lowmem: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
     except BaseException:
         _close_process_group(wait_for_peers=False)
         raise

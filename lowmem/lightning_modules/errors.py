@@ -6,7 +6,7 @@ import importlib.util
 import os
 import sysconfig
 
-__all__ = ["ConfigError", "user_code_error"]
+__all__ = ["ConfigError", "lightning_config_error", "user_code_error"]
 
 
 class ConfigError(ValueError):
@@ -52,3 +52,22 @@ def user_code_error(err: BaseException) -> BaseException | None:
             return current
         chain += [current.__cause__, current.__context__]
     return None
+
+
+def lightning_config_error(err: BaseException) -> bool:
+    """Whether ``err`` is Lightning refusing a configuration: a ``ValueError`` raised in Lightning's
+    own code (``val_check_interval`` larger than an epoch, a bad accelerator...) that did not pass
+    through the user's code. Printed as one line, like lowmem's own configuration errors."""
+    if not isinstance(err, ValueError) or user_code_error(err) is not None:
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    roots = []
+    for package in ("lightning", "lightning_fabric"):
+        spec = importlib.util.find_spec(package)
+        roots += [os.path.realpath(r) + os.sep for r in (spec.submodule_search_locations or [])] if spec else []
+    return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(tuple(roots))
+

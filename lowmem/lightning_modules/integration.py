@@ -40,6 +40,8 @@ its first moment in ``.grad``) must own:
   under DDP, one all-reduce of a flag per step; ``stop_on_nonfinite_loss=False`` switches it off;
 - checkpoints name their optimizers' classes; resuming a fit with another optimizer is refused
   before its state is loaded;
+- the step that reaches ``max_steps`` is always checkpointed (when the Trainer checkpoints, without
+  a monitored metric);
 - it logs ``precision/momentum_resets`` under :class:`~lowmem.strategies.FoldedMomentumPrecision`.
 """
 
@@ -132,9 +134,23 @@ class LowMemCallback(pl.Callback):
         self.rng_stream = _rng_state(pl_module.device)
         self._in_train_batch = False
         self._stop_if_diverged(trainer, outputs)
+        self._checkpoint_last_step(trainer)
         plugin = trainer.precision_plugin
         if isinstance(plugin, FoldedMomentumPrecision):
             pl_module.log("precision/momentum_resets", float(plugin.momentum_resets), on_step=True, batch_size=1)
+
+    def _checkpoint_last_step(self, trainer: pl.Trainer) -> None:
+        """Checkpoint the step that reaches ``max_steps`` if the Trainer's (unmonitored)
+        ModelCheckpoint would not: a run that ends before its first validation (``max_steps``
+        below ``val_check_interval``) would otherwise leave nothing to resume or evaluate. Saved
+        inside the batch, as ``every_n_train_steps`` saves, so the loop state resumes exactly."""
+        ckpt = trainer.checkpoint_callback
+        last = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        if not last or ckpt is None or ckpt.monitor is not None or ckpt._should_skip_saving_checkpoint(trainer):
+            return
+        # Lightning 2.6's own unmonitored save (pinned below 2.7): its file name, and with
+        # save_top_k=1 the previous file removed, as its next save would do.
+        ckpt._save_none_monitor_checkpoint(trainer, ckpt._monitor_candidates(trainer))
 
     def _check_resumed_optimizers(self, trainer: pl.Trainer) -> None:
         """A resumed fit must train the optimizer(s) the checkpoint holds the state of: another
