@@ -60,16 +60,21 @@ class FoldedMomentumPrecision(MixedPrecision):
         return super().pre_backward(tensor, module)
 
     def optimizer_step(self, optimizer: Optimizer, model: Any, closure: Any, **kwargs: Any) -> Any:
+        folds = self.scaler is not None and folds_momentum(optimizer)
+        scale = self.scaler.get_scale() if folds else None  # pre_backward has synced for it already
         result = super().optimizer_step(optimizer, model, closure, **kwargs)
         self._history_in_scaled_units = False
-        if self.scaler is not None and folds_momentum(optimizer):
+        # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients: only
+        # then can a buffer hold them, so a finite step costs no per-tensor check (no host syncs).
+        if folds and self.scaler.get_scale() < scale:
             self._reset_poisoned(optimizer)
         return result
 
     @torch.no_grad()
     def _reset_poisoned(self, optimizer: Optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        poisoned = [g for g in grads if not torch.isfinite(g).all()]
+        finite = torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).tolist() if grads else []
+        poisoned = [g for g, ok in zip(grads, finite) if not ok]  # one host sync for all tensors
         if poisoned:
             for g in poisoned:
                 g.zero_()
