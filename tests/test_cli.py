@@ -258,3 +258,12 @@ def test_ckpt_path_last_without_a_checkpoint_says_it_starts_from_step_0(tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", *SHORT, "--ckpt_path", "last", "--trainer.default_root_dir=elsewhere"])
     assert exit_info.value.code == 2 and "--ckpt_path last: no checkpoint under" in capsys.readouterr().err
+
+
+def test_two_runs_started_together_get_their_own_log_folders(tmp_path):
+    """Two runs set up before either has logged (as two jobs started together in one folder):
+    each reserves its version folder at start. Lightning alone gives both version_0."""
+    args = ["--config", CNN_CONFIG, "--trainer.max_steps=1"]
+    first, second = (LowMemCLI(args=args, run=False) for _ in range(2))
+    assert (first.trainer.logger.version, second.trainer.logger.version) == (0, 1)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]

@@ -232,6 +232,7 @@ class LowMemCLI(LightningCLI):
             if plugin is not None:
                 kwargs.update(precision=None, plugins=[plugin])
         trainer = super().instantiate_trainer(**kwargs)
+        _reserve_log_version(trainer)
         if not any(isinstance(c, LowMemCallback) for c in trainer.callbacks):  # a LowMemModule brings its own
             if not isinstance(self.model, LowMemModule):
                 trainer.callbacks.append(LowMemCallback())
@@ -294,6 +295,30 @@ class LowMemCLI(LightningCLI):
             print(f"lowmem {stage}: step {self.trainer.global_step}: {shown}")
         if log_dir:
             print(f"lowmem {stage}: logs in {log_dir}")
+
+
+def _reserve_log_version(trainer: Trainer) -> None:
+    """Give a TensorBoard logger without a fixed version the first free ``version_N`` folder,
+    created at once (``mkdir`` fails if it exists): two runs started together in one folder would
+    otherwise both pick the same N (Lightning picks it by listing, later) and write into one
+    folder, the second config overwriting the first. Only the launching process (rank 0, or no
+    rank yet) reserves; other ranks use the folder rank 0 broadcasts."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = trainer.logger
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    if not isinstance(logger, TensorBoardLogger) or logger._version is not None or rank != "0":
+        return
+    root = Path(logger.root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            break
+        except FileExistsError:
+            version += 1
+    logger._version = version
 
 
 def _resolve_config_bases(args: ArgsType) -> ArgsType:
