@@ -47,3 +47,14 @@ def test_missing_chunks_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no litdata chunks in .*write them first"):
         StreamingDataModule(str(tmp_path))
 
+
+
+def test_text_chunks_default_to_the_lm_configs_block_size():
+    from pathlib import Path
+
+    import yaml
+
+    from lowmem.lightning_modules.streaming import TEXT_BLOCK_SIZE
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "base" / "lm.yaml").read_text())
+    assert base["data"]["init_args"]["block_size"] == base["model"]["init_args"]["block_size"] == TEXT_BLOCK_SIZE

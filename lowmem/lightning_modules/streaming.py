@@ -83,11 +83,15 @@ class StreamingDataModule(pl.LightningDataModule):
         return self._loader("val", shuffle=False)
 
 
+TEXT_BLOCK_SIZE = 64  # the lm configs' block_size: chunks written by default train with them
+
+
 def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a built-in data set as litdata chunks.")
     parser.add_argument("dataset", choices=["digits", "text"])
     parser.add_argument("root", help="output directory (gets train/ and val/)")
-    parser.add_argument("--block_size", type=int, default=128, help="text: tokens per window")
+    parser.add_argument("--block_size", type=int, default=TEXT_BLOCK_SIZE,
+                        help=f"text: tokens per window (default {TEXT_BLOCK_SIZE}, the block size of configs/lm_*.yaml)")  # fmt: skip
     parser.add_argument("--max_bytes", type=int, default=1_000_000, help="text: corpus size")
     args = parser.parse_args(argv)
     if args.dataset == "digits":
