@@ -7,10 +7,13 @@ reference checks run on each backend, not on the for-loop alone:
 - ``native``: ``fused=True`` on float32 params (the hand-written kernels take float32 only;
   float32 rounding over ~120 steps stays near 1e-5 of the float64 reference);
 - ``compiled``: ``fused=True`` on float64 params with the native library switched off, i.e. the
-  ``torch.compile``'d kernels (AdamMini has none: its fallback is the for-loop).
+  ``torch.compile``'d kernels (AdamMini has none: its fallback is the for-loop); a fallback
+  warning (compile failed) fails the test.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -27,5 +30,11 @@ def use_backend(name: str, request: pytest.FixtureRequest) -> tuple[torch.dtype,
     """``(dtype, fused, tolerance)`` of backend ``name``; for ``compiled`` the native library is
     made unavailable for the test (the ``no_native`` fixture)."""
     if name == "compiled":
+        import torch._dynamo
+
         request.getfixturevalue("no_native")
+        torch._dynamo.reset()  # other tests' compiles count towards dynamo's recompile limit
+        # A compile failure falls back to the eager kernel with a warning: here that is a failure.
+        # (pytest restores the warning filters after each test.)
+        warnings.filterwarnings("error", message="lowmem fast path", category=RuntimeWarning)
     return BACKENDS[name]

@@ -480,10 +480,20 @@ def test_fused_matches_for_loop(threads, native_calls):
     assert {name for name, _, left in native_calls if left == 0} == {"lowmem_adamw_f32"}  # uncompressed ones
 
 
-def test_compiled_kernels_match_for_loop(no_native):
+def test_compiled_kernels_match_for_loop(no_native, monkeypatch):
     """The Inductor kernels (dtypes and devices the native ones do not take): element-wise, row-
-    and column-reduced."""
+    and column-reduced. A fresh compiled runner and dynamo cache (other tests' compiles count
+    towards dynamo's recompile limit), and the runner must not have fallen back to the for-loop,
+    which would make the comparison trivial."""
+    import torch._dynamo
+
+    import lowmem.optim.slimadam as slim_module
+
+    torch._dynamo.reset()
+    runner = slim_module._ReducedRunner()
+    monkeypatch.setattr(slim_module, "_REDUCED", runner)
     _assert_runs_close(_run(True, FAST_CASES), _run(False, FAST_CASES))
+    assert runner.compiled is not None and not runner.failed
 
 
 def test_native_kernels_run_and_tell_autograd(monkeypatch):
