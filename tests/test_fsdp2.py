@@ -10,8 +10,6 @@ must end where one process at the whole batch ends; the bytes each step sends ar
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -119,18 +117,9 @@ def _local_statistics_only() -> None:
 
 
 def _run_sharded(tmp_path, case: str, without_collectives: bool = False) -> dict:
-    import torch.multiprocessing as mp
+    from scripts.spawn import run_workers
 
-    ctx = mp.start_processes(_worker, args=(str(tmp_path), case, without_collectives), nprocs=WORLD, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 120  # a hung collective must fail, not block the suite
-    try:
-        while not ctx.join(timeout=5):
-            assert time.monotonic() < deadline, "FSDP2 workers timed out"
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_workers(_worker, (str(tmp_path), case, without_collectives), nprocs=WORLD, timeout_s=120)
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import threading
-import time
 
 import pytest
 import torch
@@ -558,19 +557,10 @@ def _ddp_worker(rank: int, world: int, tmp: str, steps: int, p: float) -> None:
 
 @pytest.mark.distributed
 def test_real_ddp_gloo_two_processes_match_one_process(tmp_path):
-    import torch.multiprocessing as mp
+    from scripts.spawn import run_workers
 
     world, steps, p = 2, 12, 3.0
-    ctx = mp.start_processes(_ddp_worker, args=(world, str(tmp_path), steps, p), nprocs=world, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 180  # hard limit: a hung collective must fail, not block the suite
-    try:
-        while not ctx.join(timeout=5):
-            assert time.monotonic() < deadline, "DDP workers timed out"
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    run_workers(_ddp_worker, (world, str(tmp_path), steps, p), nprocs=world, timeout_s=180)
     single = make_net()
     run_lowmem(single, batches(steps, seed=4, tokens=(4, 3)), buffer_size=3, p=p, **HP)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
