@@ -206,4 +206,6 @@ def test_native_step_allocates_no_parameter_sized_temporary(opt_name):
         return float(out.stdout.split()[-1])
 
     assert growth("fused") < 8  # MiB: scratch of C floats only
-    assert growth("loop") > 64
+    # The control: ~130 MiB on an idle machine; 60 MiB was seen once while other test processes
+    # ran beside it. Still far above the fast path's bound.
+    assert growth("loop") > 32
