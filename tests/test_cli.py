@@ -267,3 +267,24 @@ def test_two_runs_started_together_get_their_own_log_folders(tmp_path):
     first, second = (LowMemCLI(args=args, run=False) for _ in range(2))
     assert (first.trainer.logger.version, second.trainer.logger.version) == (0, 1)
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_a_resume_chain_bounded_by_max_epochs_trains_exactly_max_epochs(tmp_path):
+    """3 epochs of 5 batches with a checkpoint every step; resumed from the end of epoch 0, then
+    again from that resumed run's end of epoch 1: 15 steps, as uninterrupted, with the same
+    parameters and epoch counters (Lightning alone: 20 steps, one epoch too many)."""
+    args = ["fit", "--config", CNN_CONFIG, "--model.init_args.widths=[4]", "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.filename={step}"]  # fmt: skip
+    logs = tmp_path / "lightning_logs"
+    main(args)
+    main([*args, "--ckpt_path", str(logs / "version_0" / "checkpoints" / "step=5.ckpt")])
+    main([*args, "--ckpt_path", str(logs / "version_1" / "checkpoints" / "step=10.ckpt")])
+    steps = sorted(int(p.stem.split("=")[1]) for p in (logs / "version_2" / "checkpoints").glob("*.ckpt"))
+    assert steps[-1] == 15
+    chained, straight = (torch.load(logs / v / "checkpoints" / "step=15.ckpt", weights_only=False)
+                         for v in ("version_2", "version_0"))  # fmt: skip
+    assert chained["loops"]["fit_loop"]["epoch_progress"] == straight["loops"]["fit_loop"]["epoch_progress"]
+    assert all(torch.equal(chained["state_dict"][k], v) for k, v in straight["state_dict"].items())

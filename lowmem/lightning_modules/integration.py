@@ -180,6 +180,7 @@ class LowMemCallback(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[OPTIMIZERS_KEY] = [_qualified(o) for o in trainer.optimizers]
+        _mark_epoch_started(trainer, checkpoint)
         # A checkpoint written inside a training batch (before on_train_batch_end) holds the live state.
         stream = _rng_state(pl_module.device) if self._in_train_batch else self.rng_stream
         if stream is not None:
@@ -196,6 +197,24 @@ class LowMemCallback(pl.Callback):
         """This rank's entry of a :func:`gather_per_rank` list (rank modulo its length), own storage."""
         rank = trainer.global_rank if trainer is not None else 0
         return states[rank % len(states)].clone()
+
+
+def _mark_epoch_started(trainer: pl.Trainer, checkpoint: dict) -> None:
+    """Every checkpoint of a fit is written inside an epoch, which has started but not completed:
+    ``epoch_progress`` must read ``ready = started = completed + 1``. A run resumed from a
+    checkpoint of an epoch's last batch (Lightning 2.6 restarts that epoch, finds it empty, and
+    does not count the next one as started) writes ``ready = completed`` into its later
+    checkpoints; resumed again from one of those, it trains one epoch too many (``max_epochs``
+    bound: 4 epochs instead of 3). Written as the uninterrupted run writes it."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if trainer.state.fn != TrainerFn.FITTING or not progress:
+        return
+    for scope in ("total", "current"):
+        counts = progress.get(scope, {})
+        if "completed" in counts and counts.get("ready", 0) <= counts["completed"]:
+            counts["ready"] = counts["started"] = counts["completed"] + 1
 
 
 def _qualified(optimizer: Any) -> str:
