@@ -47,6 +47,7 @@ its first moment in ``.grad``) must own:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -121,6 +122,14 @@ class LowMemCallback(pl.Callback):
         self._check_resumed_optimizers(trainer)
         if self.rng_stream is None:  # neither restored nor left by an earlier fit: start it here
             self.rng_stream = _rng_state(pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lowmem.lightning_modules.sampling import ResumableSampler
+
+        loader = trainer.train_dataloader
+        if isinstance(getattr(loader, "sampler", None), ResumableSampler):
+            # Lightning's advice for loaders without state_dict; this sampler resumes from the loop's counters.
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
 
     # --- the training RNG stream -------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
