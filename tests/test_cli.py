@@ -121,11 +121,22 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys, 
 
 
 def test_help_names_every_subcommand_including_compare(capsys):
+    """The fast top-level help (no torch import) lists exactly the parser's subcommands + compare."""
+    from lowmem.cli import SUBCOMMANDS
+
+    assert set(SUBCOMMANDS) == set(LowMemCLI.subcommands()) | {"compare"}
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("fit", "validate", "test", "predict", "memory", "compare"))
+    assert all(f"  {name} " in out for name in SUBCOMMANDS)
+    import subprocess
+    import sys
+
+    script = ("import sys, lowmem.cli\ntry:\n    lowmem.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'imported torch'")
+    bare = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert bare.returncode == 0 and "usage: lowmem" in bare.stdout, bare.stderr
 
 
 def test_memory_subcommand_prints_the_state_table(capsys):
