@@ -299,3 +299,11 @@ def test_a_resume_chain_bounded_by_max_epochs_trains_exactly_max_epochs(tmp_path
                          for v in ("version_2", "version_0"))  # fmt: skip
     assert chained["loops"]["fit_loop"]["epoch_progress"] == straight["loops"]["fit_loop"]["epoch_progress"]
     assert all(torch.equal(chained["state_dict"][k], v) for k, v in straight["state_dict"].items())
+
+
+def test_log_every_n_steps_zero_trains_without_step_logs(tmp_path):
+    """`log_every_n_steps: 0` (no step logging) used to divide by zero in the memory monitor."""
+    cli = LowMemCLI(args=["fit", "--config", CNN_CONFIG, "--model.init_args.widths=[4]", "--trainer.max_steps=2",
+                          "--trainer.log_every_n_steps=0", "--trainer.limit_val_batches=1",
+                          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert cli.trainer.global_step == 2

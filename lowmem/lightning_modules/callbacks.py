@@ -57,6 +57,8 @@ class MemoryMonitor(pl.Callback):
     ) -> None:
         step_ms = (time.perf_counter() - self._start) * 1e3
         every = self.log_every_n_steps or trainer.log_every_n_steps
+        if not every:  # trainer.log_every_n_steps=0: no step logging
+            return
         if trainer.global_step % every and trainer.global_step != 1:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
