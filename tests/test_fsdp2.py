@@ -1,4 +1,4 @@
-"""SlimAdamW and Adam-mini on FSDP2 shards (2 processes, gloo): statistics that span dim 0 are global.
+"""SlimAdamW, Adam-mini and Adafactor on FSDP2 shards (2 processes, gloo): statistics that span dim 0 are global.
 
 ``fully_shard`` splits dim 0 of every parameter over the ranks: unevenly where the size does not
 divide (7 rows: 4 + 3), with one rank holding nothing for a parameter of one row (smaller than the
@@ -50,6 +50,24 @@ class Blocks(nn.Module):
         return torch.cat([p.tanh() for p in parts], dim=1).sum(dim=1, keepdim=True) + self.bias.sum()
 
 
+class Kernels(nn.Module):
+    """Adafactor's three cases: a factored 3-D kernel (dim 0 a leading dim: local statistics), a
+    factored 2-D weight of 7 rows (uneven shards: column statistics span them) and 1-D vectors,
+    one of 1 element (smaller than the world)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kernel = nn.Parameter(torch.randn(3, 7, 2) * 0.5)
+        self.weight = nn.Parameter(torch.randn(7, 6) * 0.5)
+        self.scale = nn.Parameter(torch.randn(6) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("bi,oik->bo", x, self.kernel).tanh()
+        return ((x @ self.weight).tanh() * self.scale).sum(1, keepdim=True) + h.sum(1, keepdim=True) + self.bias
+
+
 def slim_groups(dim: int):
     return lambda model: [{"params": [p], "compress_dims": (dim if p.ndim == 2 else None)} for p in model.parameters()]
 
@@ -66,6 +84,8 @@ CASES = {  # name -> (model, optimizer, bytes one step sends)
     "slim-fan-in-dim1": (Mlp, lambda m: optim.SlimAdamW(slim_groups(1)(m), lr=1e-2, fused=False), 0),
     # head: 6 all-gathered row means; qkv: 12; conv1d (fan-out dim 1): 5 all-reduced sums; norm: 1.
     "mini-every-block": (Blocks, lambda m: optim.AdamMini(mini_groups(m), lr=1e-2, fused=False), 4 * (6 + 12 + 5 + 1)),
+    # float64 sums: [sum W^2] x 4, [sum row_var, 6 column sums] for the 2-D weight; then [sum u^2] x 4.
+    "adafactor": (Kernels, lambda m: optim.Adafactor(m.parameters(), lr=1e-2, weight_decay=0.1), 8 * (4 + 7 + 4)),
 }
 
 
@@ -93,7 +113,7 @@ def _worker(rank: int, tmp: str, case: str, without_collectives: bool) -> None:
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
         opt = make_opt(model)
         _train(model, opt, rank, WORLD)
-        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        full = {name: p.full_tensor().detach() for name, p in model.named_parameters()}
         if rank == 0:
             torch.save({"params": full, "comm_bytes": opt.comm_bytes_per_step}, f"{tmp}/result.pt")
         dist.barrier()
@@ -139,7 +159,7 @@ def test_sharded_optimizer_matches_one_process(case, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block"])
+@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adafactor"])
 def test_negative_control_without_the_collectives_the_result_is_wrong(case, tmp_path):
     result = _run_sharded(tmp_path, case, without_collectives=True)
     assert _max_diff_to_one_process(case, result["params"]) > 1e-3

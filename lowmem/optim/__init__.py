@@ -7,6 +7,7 @@ See ``docs/algorithms.md`` for the exact update rules each class implements.
 """
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer
+from lowmem.optim.adafactor import Adafactor
 from lowmem.optim.adam_mini import AdamMini, adam_mini_param_groups
 from lowmem.optim.adams import AdamS
 from lowmem.optim.adapm import AdaPM, adapm_param_groups
@@ -19,6 +20,7 @@ from lowmem.optim.slimadam import SlimAdamW
 
 __all__ = [
     "AdaPM",
+    "Adafactor",
     "AdamMini",
     "AdamS",
     "Capabilities",

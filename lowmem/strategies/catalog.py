@@ -125,8 +125,8 @@ def _refuse_params(self: OptimizerStrategy, params: Any) -> Optimizer:
 
 
 AdamW = declare(torch.optim.AdamW, "``torch.optim.AdamW``, the baseline: m and v per parameter (8 bytes/param in fp32).")
-Adafactor = declare(torch.optim.Adafactor,
-                    "``torch.optim.Adafactor``: factored second moment, no first moment (torch's defaults).")  # fmt: skip
+Adafactor = declare(optim.Adafactor, "``torch.optim.Adafactor``: factored second moment, no first moment (torch's "
+                    "defaults); on FSDP2 shards the same maths with explicit all-reduces.")  # fmt: skip
 HMAdamW = declare(optim.HMAdamW, "HMAdamW: momentum folded into ``.grad``, v only (4 bytes/param of state, plus the "
                   "persistent gradient buffer). ``gradient_clip_val`` clips the momentum's global norm.")  # fmt: skip
 HMAdam = declare(optim.HMAdam, "HMAdam: as HMAdamW with coupled L2 weight decay (``B += wd W`` enters the momentum).")
