@@ -89,7 +89,7 @@ LAUNCHES = {
 # HMAdamW's momentum is the sharded .grad FSDP2 reduce-scatters into: with 2 micro-batches per step
 # it must still be B = b1 B + mean(g) on every shard.
 LAUNCHES["fsdp2-accumulate"] = [*LAUNCHES["fsdp2"], "--trainer.accumulate_grad_batches=2"]
-FSDP2_OPTIMIZERS = ("AdamW", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW", "AdamMini", "Adafactor")
+FSDP2_OPTIMIZERS = ("AdamW", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW", "AdamMini", "Adafactor", "IOAdam")
 CASES = [("ddp", name) for name in OPTIMIZERS] + [("fsdp2", name) for name in FSDP2_OPTIMIZERS] + [
     ("fsdp2-accumulate", "HMAdamW"), ("fsdp2-accumulate", "SlimAdamW")]  # fmt: skip
 

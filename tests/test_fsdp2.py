@@ -1,4 +1,4 @@
-"""SlimAdamW, Adam-mini and Adafactor on FSDP2 shards (2 processes, gloo): statistics that span dim 0 are global.
+"""SlimAdamW, Adam-mini, IO-Adam and Adafactor on FSDP2 shards (2 processes, gloo): statistics that span dim 0 are global.
 
 ``fully_shard`` splits dim 0 of every parameter over the ranks: unevenly where the size does not
 divide (7 rows: 4 + 3), with one rank holding nothing for a parameter of one row (smaller than the
@@ -85,6 +85,8 @@ CASES = {  # name -> (model, optimizer, bytes one step sends)
     # head: 6 all-gathered row means; qkv: 12; conv1d (fan-out dim 1): 5 all-reduced sums; norm: 1.
     "mini-every-block": (Blocks, lambda m: optim.AdamMini(mini_groups(m), lr=1e-2, fused=False), 4 * (6 + 12 + 5 + 1)),
     # float64 sums: [sum W^2] x 4, [sum row_var, 6 column sums] for the 2-D weight; then [sum u^2] x 4.
+    # IO-Adam owns the 3 Linear weights: per step the (n_out + n_in) averaged statistics of each.
+    "ioadam": (Mlp, lambda m: optim.IOAdam(m, lr=1e-2, buffer_size=3), 4 * ((5 + 7) + (3 + 5) + (1 + 3))),
     "adafactor": (Kernels, lambda m: optim.Adafactor(m.parameters(), lr=1e-2, weight_decay=0.1), 8 * (4 + 7 + 4)),
 }
 
@@ -159,7 +161,7 @@ def test_sharded_optimizer_matches_one_process(case, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adafactor"])
+@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adafactor", "ioadam"])
 def test_negative_control_without_the_collectives_the_result_is_wrong(case, tmp_path):
     result = _run_sharded(tmp_path, case, without_collectives=True)
     assert _max_diff_to_one_process(case, result["params"]) > 1e-3

@@ -26,7 +26,7 @@ from lowmem.strategies import FoldedMomentumPrecision, StrategyError, capabiliti
 
 FOLDS = {"HMAdamW", "HMAdam"}
 NEEDS_FULL_SHAPES = {"SlimAdamW", "AdaPM", "IOAdam", "AdamMini", "Adafactor"}
-NO_DTENSOR = NEEDS_FULL_SHAPES - {"SlimAdamW", "AdamMini", "Adafactor"}  # exact on FSDP2 shards (tests/test_fsdp2.py)
+NO_DTENSOR = NEEDS_FULL_SHAPES - {"SlimAdamW", "AdamMini", "Adafactor", "IOAdam"}  # exact on FSDP2 shards (tests/test_fsdp2.py)
 
 
 class StubDeepSpeed(DeepSpeedStrategy):

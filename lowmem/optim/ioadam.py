@@ -49,6 +49,7 @@ from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, check_grad, check_hparams, check_non_negative, state_dtype_for,
 )  # fmt: skip
 from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum
+from lowmem.optim._sharding import check_fsdp_layout, is_sharded, local_rows, state_like
 from lowmem.optim.roles import weight_decay_param_groups
 
 __all__ = ["IOAdam", "io_adam"]
@@ -97,8 +98,11 @@ class IOAdam(LowMemOptimizer):
     Distributed: under DDP (``fused=False``) ``step()`` all-reduces (averages) this step's staged
     sums of every IO-Adam weight in one collective over the default process group before it
     commits them, so every rank computes the same ``D``; every rank must call ``step()``.
-    ``fused=True`` refuses a world size above 1. FSDP/DTensor is not supported (the factors need
-    the full X and dY of each layer).
+    ``fused=True`` refuses a world size above 1. Under FSDP2 (``fully_shard``: weights sharded
+    along dim 0, the output rows) each rank still sees the whole ``X`` and ``dY`` of its own
+    micro-batch, so the statistics are captured and averaged exactly as under DDP; then each rank
+    keeps the rows of ``R`` (sharded like the weight, as ``M`` is) that its shard of ``W`` needs,
+    and all of ``C`` (replicated). ``comm_bytes_per_step`` counts the bytes the average sends.
 
     Not compatible with an fp16 ``GradScaler`` (``R`` sees the scaled ``dY``, the unscale does
     not reach it, and fused updates happen before the inf check): use bf16. Gradient clipping
@@ -124,8 +128,9 @@ class IOAdam(LowMemOptimizer):
     """
 
     capabilities = Capabilities(
-        needs_model=True, needs_full_shapes=True, supports_dtensor=False, supports_grad_scaler=False
+        needs_model=True, needs_full_shapes=True, supports_dtensor=True, supports_grad_scaler=False
     )
+    comm_bytes_per_step = 0  # bytes the last step all-reduced between ranks (DDP or FSDP2)
 
     def __init__(
         self,
@@ -269,12 +274,19 @@ class IOAdam(LowMemOptimizer):
         state = self.state[w]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["slot"] = 0
+        if is_sharded(w):  # M and R by rows like W; C (one value per input feature) whole on every rank
+            check_fsdp_layout(w, "IOAdam")
+            state["exp_avg"] = state_like(w, tuple(w.shape), dtype, sharded_rows=True)
+            state["out_stats"] = state_like(w, (w.shape[0], b), dtype, sharded_rows=True)
+            state["in_stats"] = state_like(w, (w.shape[1], b), dtype, sharded_rows=False)
+            return
         state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
         state["out_stats"] = torch.zeros(w.shape[0], b, dtype=dtype, device=w.device)
         state["in_stats"] = torch.zeros(w.shape[1], b, dtype=dtype, device=w.device)
 
     def _all_reduce_statistics(self) -> None:
-        """Average this step's staged sums over the DDP ranks (one all-reduce per dtype/device)."""
+        """Average this step's staged sums over the DDP/FSDP2 ranks (one all-reduce per dtype/device)."""
+        self.comm_bytes_per_step = 0
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
             return
         world = dist.get_world_size()
@@ -291,12 +303,15 @@ class IOAdam(LowMemOptimizer):
                     part.copy_(staged)
             dist.all_reduce(flat)  # SUM: gloo has no AVG
             flat.div_(world)
+            self.comm_bytes_per_step += flat.numel() * flat.element_size()
             for i, w in enumerate(weights):
                 self._staged[w] = [parts[2 * i], parts[2 * i + 1]]
 
     def _init_io_group(self, group: dict[str, Any]) -> tuple[list, ...]:
-        lists: tuple[list, ...] = tuple([] for _ in range(10))
-        params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = lists
+        """The weights of an IO group that step now (first list) and the arguments of ``io_adam``
+        for them (local shards under FSDP2)."""
+        lists: tuple[list, ...] = tuple([] for _ in range(11))
+        owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = lists
         for i, w in enumerate(group["params"]):
             fused_part = w in self._momentum_ready
             if w.grad is None and not fused_part:
@@ -306,18 +321,22 @@ class IOAdam(LowMemOptimizer):
             if not state:
                 self._init_io_state(w, group)
             staged = self._staged.get(w)
-            if staged is None and w.grad is not None and not state["in_stats"].any() and w.grad.any():
+            if is_sharded(w):  # the local shard; this rank's rows of the (full) staged output sums
+                start, rows = local_rows(w)
+                staged = None if staged is None else [staged[0].narrow(0, start, rows), staged[1]]
+            if staged is None and w.grad is not None and not _local(state["in_stats"]).any() and _local(w.grad).any():
                 name = group["param_names"][i] if "param_names" in group else f"of shape {tuple(w.shape)}"
                 raise RuntimeError(
                     f"IOAdam: the Linear weight {name} got a gradient but its module's forward never ran with grad: "
                     "the weight is used by code that bypasses the module (e.g. F.linear(x, layer.weight)), so IO-Adam "
                     "has no input/output statistics for it. Call the module itself, or untie/freeze the weight."
                 )
-            params.append(w)
-            grads.append(w.grad)
-            exp_avgs.append(state["exp_avg"])
-            out_stats.append(state["out_stats"])
-            in_stats.append(state["in_stats"])
+            owners.append(w)
+            params.append(_local(w))
+            grads.append(None if w.grad is None else _local(w.grad))
+            exp_avgs.append(_local(state["exp_avg"]))
+            out_stats.append(_local(state["out_stats"]))
+            in_stats.append(_local(state["in_stats"]))
             out_sums.append(None if staged is None else staged[0])
             in_sums.append(None if staged is None else staged[1])
             steps.append(state["step"])
@@ -337,10 +356,10 @@ class IOAdam(LowMemOptimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
-            params.append(w)
-            grads.append(w.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            params.append(_local(w))
+            grads.append(_local(w.grad))
+            exp_avgs.append(_local(state["exp_avg"]))
+            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             steps.append(state["step"])
         return lists
 
@@ -365,7 +384,7 @@ class IOAdam(LowMemOptimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             if group["io"]:
-                params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = (
+                owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = (
                     self._init_io_group(group)
                 )
                 io_adam(
@@ -373,7 +392,7 @@ class IOAdam(LowMemOptimizer):
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     p=group["p"], buffer_mode=group["buffer_mode"],
                 )  # fmt: skip
-                for w, k in zip(params, slots):  # advance the slot once per processed step
+                for w, k in zip(owners, slots):  # advance the slot once per processed step
                     self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
             else:
                 params, grads, exp_avgs, exp_avg_sqs, steps = self._init_adamw_group(group)
@@ -384,6 +403,11 @@ class IOAdam(LowMemOptimizer):
         self._staged.clear()
         self._momentum_ready.clear()
         return loss
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor; a plain tensor as it is."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def _denominator(out_stats: Tensor, in_stats: Tensor, p: float, buffer_mode: str) -> Tensor:
