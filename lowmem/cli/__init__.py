@@ -1,7 +1,8 @@
 """The `lowmem` command: a LightningCLI with lowmem's defaults (see :mod:`lowmem.cli.app`).
 
 ``lowmem`` and ``lowmem --help`` answer from the text below without importing torch and
-Lightning (seconds of start-up); every other command line goes to :func:`lowmem.cli.app.main`.
+Lightning (seconds of start-up); ``lowmem data ...`` goes to :mod:`lowmem.cli.data` (no
+Lightning either), every other command line to :func:`lowmem.cli.app.main`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "predict": "run the model's predict_step (diffusion: samples)",
     "memory": "params/grads/optimizer state of a config vs AdamW, no training (--ranks N: per FSDP2 rank)",
     "compare": "train several configs, one figure and table of loss and memory",
+    "data": "prepare your own images or text files as a streaming dataset (lowmem data prepare --help)",
 }
 
 HELP = "\n".join([
@@ -40,6 +42,10 @@ def main(args: Any = None) -> None:
     if argv is not None and argv in ([], ["-h"], ["--help"]):
         print(HELP)
         raise SystemExit(0 if argv else 2)
+    if argv is not None and argv[:1] == ["data"]:  # its own parser; no Lightning import
+        from lowmem.cli.data import data_main
+
+        raise SystemExit(data_main(argv[1:]))
     from lowmem.cli.app import main as app_main
 
     app_main(args)
