@@ -164,6 +164,45 @@ def test_compare_writes_figure_and_table(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
 
 
+def test_compare_says_which_metric_a_run_lacks_and_why():
+    """A metric missing from a run's logs reads ``n/a [k]``, and footnote ``[k]`` names the metric,
+    the runs and the reason; it is never a bare ``nan``."""
+    from lowmem.cli.compare import format_table, summarize
+
+    full = {"train/loss": [(1, 2.0), (2, 1.5)], "val/loss": [(2, 1.4)], "memory/optimizer_state_mib": [(1, 0.5)],
+            "memory/grad_buffers_mib": [(1, 0.0)], "memory/peak_mib": [(1, 300.0), (2, 310.0)],
+            "time/step_ms": [(1, 50.0), (2, 10.0), (3, 12.0)]}  # fmt: skip
+    no_val = {k: v for k, v in full.items() if k != "val/loss"}
+    no_monitor = {"train/loss": full["train/loss"]}  # neither validation nor MemoryMonitor
+    one_timed_step = {**full, "time/step_ms": [(1, 50.0)]}
+    rows = [summarize(n, s) for n, s in [("full", full), ("noval", no_val), ("nomon", no_monitor), ("one", one_timed_step)]]
+    table = format_table(rows)
+    assert "nan" not in table
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:6]}
+    assert cells["full"] == ["1.5000", "1.4000", "0.500", "0.000", "310", "11.0"]
+    assert cells["noval"][1] == cells["nomon"][1] == "n/a [1]" and cells["noval"][2:] == cells["full"][2:]
+    assert cells["nomon"][2:] == ["n/a [2]"] * 4 and cells["one"][5] == "n/a [3]" and cells["one"][:5] == cells["full"][:5]
+    notes = table.split("\n\n")[1].splitlines()
+    assert notes[0].startswith("[1] no final val loss for noval, nomon: no validation ran") and "limit_val_batches" in notes[0]
+    assert notes[1].startswith("[2] no optimizer state MiB, grad buffers MiB, peak MiB, median step ms for nomon: "
+                               "MemoryMonitor logged nothing")  # fmt: skip
+    assert notes[2].startswith("[3] no median step ms for one: time/step_ms was logged for the first step only")
+    assert len(notes) == 3 and rows[0]["missing"] == {}
+
+
+def test_compare_notes_a_run_without_validation(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", CNN_CONFIG, "--max_steps", "2", "--out", str(tmp_path / "cmp"), "--",
+              "--model.init_args.widths=[8]", "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
+              "--trainer.log_every_n_steps=1"])  # fmt: skip
+    assert exit_info.value.code == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    row = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
+    assert row[0] == "cnn_adamw" and row[2] == "n/a [1]" and float(row[3]) > 0 and "nan" not in table
+    assert "[1] no final val loss for cnn_adamw: no validation ran" in table
+    assert "lowmem compare: note: no final val loss for cnn_adamw: no validation ran" in capsys.readouterr().err
+
+
 def test_compare_rejects_missing_configs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "nope.yaml"])

@@ -78,9 +78,9 @@ def test_diffusion_sampling_and_grid_shapes():
 
 
 def test_model_arguments_are_validated():
-    with pytest.raises(ValueError, match="n_embd=30 must be divisible by n_head=4"):
+    with pytest.raises(ValueError, match=r"model.init_args.n_head=4: must divide model.init_args.n_embd=30"):
         LanguageModel(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="image_size=6 must be divisible"):
+    with pytest.raises(ValueError, match=r"model.init_args.image_size=6: must be divisible by 2\*\*\(len\(channels\)-1\)=4"):
         DiffusionModel(image_size=6, channels=[8, 16, 32])
     with pytest.raises(ValueError, match="widths"):
         ImageClassifier(widths=[])

@@ -7,7 +7,8 @@ Each config trains in its own process (so the CPU peak RSS of one run is not ano
 TensorBoard logs under ``OUT/<config name>/``. Then one figure (``OUT/compare.png``: training loss
 vs step, validation loss vs step, optimizer state and peak memory per config) and one markdown
 table (``OUT/compare.md``: final losses, optimizer state and gradient-buffer MiB, peak MiB, median
-step time) are written from the logs.
+step time) are written from the logs. A metric a run's logs lack (no validation ran, no memory
+logging) reads ``n/a [k]`` in the table, with footnote ``[k]`` naming the runs and the reason.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["compare_main", "read_scalars", "summarize", "format_table"]
-
-_KEYS = ("train/loss", "val/loss", "memory/optimizer_state_mib", "memory/grad_buffers_mib", "memory/peak_mib",
-         "time/step_ms")  # fmt: skip
+__all__ = ["compare_main", "read_scalars", "summarize", "format_table", "missing_notes"]
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -34,27 +33,79 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def summarize(name: str, scalars: dict[str, list[tuple[int, float]]]) -> dict[str, float | str]:
-    """One table row: last value of losses/memory, median step time, max peak."""
-    last = lambda key: scalars[key][-1][1] if scalars.get(key) else float("nan")  # noqa: E731
-    steps_ms = [v for _, v in scalars.get("time/step_ms", [])[1:]]  # the first step includes warm-up
-    return {
-        "config": name,
-        "train_loss": last("train/loss"),
-        "val_loss": last("val/loss"),
-        "state_mib": last("memory/optimizer_state_mib"),
-        "grad_buffers_mib": last("memory/grad_buffers_mib"),
-        "peak_mib": max((v for _, v in scalars.get("memory/peak_mib", [])), default=float("nan")),
-        "step_ms": statistics.median(steps_ms) if steps_ms else float("nan"),
-    }
+# Table columns: row key, header, format, the TensorBoard tag it comes from.
+_COLUMNS = (
+    ("train_loss", "final train loss", "{:.4f}", "train/loss"),
+    ("val_loss", "final val loss", "{:.4f}", "val/loss"),
+    ("state_mib", "optimizer state MiB", "{:.3f}", "memory/optimizer_state_mib"),
+    ("grad_buffers_mib", "grad buffers MiB", "{:.3f}", "memory/grad_buffers_mib"),
+    ("peak_mib", "peak MiB", "{:.0f}", "memory/peak_mib"),
+    ("step_ms", "median step ms", "{:.1f}", "time/step_ms"),
+)
+_NO_MONITOR = ("MemoryMonitor logged nothing (trainer.log_every_n_steps: 0, or MemoryMonitor left out of "
+               "trainer.callbacks)")  # fmt: skip
 
 
-def format_table(rows: list[dict[str, float | str]]) -> str:
-    head = "| config | final train loss | final val loss | optimizer state MiB | grad buffers MiB | peak MiB | median step ms |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+def _why_missing(column: str, tag: str, scalars: dict[str, list[tuple[int, float]]]) -> str:
+    """Why a run's logs give no value for ``column``, as far as the logs tell."""
+    if column == "train_loss":
+        return "train/loss was never logged (no training step ran: trainer.max_steps 0 or an empty training set)"
+    if column == "val_loss":
+        return "no validation ran, so val/loss was never logged (trainer.limit_val_batches: 0, or no val_dataloader)"
+    if not any(t.startswith(("memory/", "time/")) for t in scalars):
+        return _NO_MONITOR
+    if column == "step_ms" and len(scalars.get(tag, [])) == 1:
+        return ("time/step_ms was logged for the first step only, which includes warm-up and is left out (train "
+                "more steps than trainer.log_every_n_steps)")  # fmt: skip
+    return f"{tag} was never logged"
+
+
+def summarize(name: str, scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    """One table row: last value of losses/memory, median step time, max peak. A metric the logs
+    do not have is ``None``, and ``row["missing"]`` maps its column to the reason."""
+    series = {column: [v for _, v in scalars.get(tag, [])] for column, _, _, tag in _COLUMNS}
+    series["step_ms"] = series["step_ms"][1:]  # the first step includes warm-up
+    row: dict[str, Any] = {"config": name, "missing": {}}
+    for column, _, _, tag in _COLUMNS:
+        values = series[column]
+        if not values:
+            row[column] = None
+            row["missing"][column] = _why_missing(column, tag, scalars)
+        elif column == "peak_mib":
+            row[column] = max(values)
+        elif column == "step_ms":
+            row[column] = statistics.median(values)
+        else:
+            row[column] = values[-1]
+    return row
+
+
+def missing_notes(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(reason, note)`` per distinct reason a metric is missing, in table order; the note names
+    the metrics and the runs (``no final val loss for cnn_adamw, cnn_hmadamw: no validation ran...``)."""
+    grouped: dict[str, tuple[list[str], list[str]]] = {}
+    headers = {column: header for column, header, _, _ in _COLUMNS}
+    for row in rows:
+        for column, reason in row.get("missing", {}).items():
+            columns, runs = grouped.setdefault(reason, ([], []))
+            columns += [headers[column]] if headers[column] not in columns else []
+            runs += [row["config"]] if row["config"] not in runs else []
+    return [(reason, f"no {', '.join(columns)} for {', '.join(runs)}: {reason}")
+            for reason, (columns, runs) in grouped.items()]  # fmt: skip
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table; a missing metric reads ``n/a [k]``, with footnote ``[k]`` saying why."""
+    notes = missing_notes(rows)
+    number = {reason: i for i, (reason, _) in enumerate(notes, start=1)}
+    lines = ["| config | " + " | ".join(header for _, header, _, _ in _COLUMNS) + " |",
+             "|---|" + "---:|" * len(_COLUMNS)]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['config']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['state_mib']:.3f} | "
-                     f"{r['grad_buffers_mib']:.3f} | {r['peak_mib']:.0f} | {r['step_ms']:.1f} |")  # fmt: skip
+        cells = [fmt.format(r[column]) if r.get(column) is not None else f"n/a [{number[r['missing'][column]]}]"
+                 for column, _, fmt, _ in _COLUMNS]  # fmt: skip
+        lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"[{number[reason]}] {note}" for reason, note in notes]
     return "\n".join(lines)
 
 
@@ -75,8 +126,8 @@ def _plot(runs: dict[str, dict[str, list[tuple[int, float]]]], rows: list[dict],
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     names = [r["config"] for r in rows]
-    state = [r["state_mib"] for r in rows]
-    buffers = [r["grad_buffers_mib"] for r in rows]
+    state = [r["state_mib"] if r["state_mib"] is not None else float("nan") for r in rows]
+    buffers = [r["grad_buffers_mib"] if r["grad_buffers_mib"] is not None else float("nan") for r in rows]
     axes[2].barh(names, state, label="optimizer state")
     axes[2].barh(names, buffers, left=state, label="persistent grad buffers")
     axes[2].set(xlabel="MiB", title="optimizer memory")
@@ -135,5 +186,7 @@ def compare_main(argv: list[str]) -> int:
     (out / "compare.md").write_text(table + "\n")
     _plot(runs, rows, out / "compare.png")
     print(table)
+    for _, note in missing_notes(rows):
+        print(f"lowmem compare: note: {note}", file=sys.stderr)
     print(f"lowmem compare: wrote {out / 'compare.md'} and {out / 'compare.png'}")
     return 0

@@ -25,6 +25,14 @@ from torch.optim import Optimizer
 
 from lowmem.lightning_modules.errors import ConfigError, user_code_error
 from lowmem.lightning_modules.integration import FoldedMomentumMixin, LowMemCallback
+from lowmem.lightning_modules.validation import (
+    MODEL,
+    check_scheduler,
+    check_str,
+    config_error,
+    scheduler_class_and_kwargs,
+    show,
+)
 from lowmem.strategies import CallableStrategy, OptimizerStrategy
 
 __all__ = ["LowMemModule", "ConfigError", "OptimizerArg", "default_optimizer"]
@@ -65,6 +73,16 @@ class LowMemModule(FoldedMomentumMixin, pl.LightningModule):
         monitor: str = "val/loss",
     ) -> None:
         super().__init__()
+        if not isinstance(optimizer, OptimizerStrategy) and not callable(optimizer):
+            raise config_error(MODEL + "optimizer", optimizer, "must be an optimizer strategy or an optimizer callable",
+                               "give {class_path: lowmem.strategies.AdamW, init_args: {lr: 0.001}} (in Python: "
+                               "lowmem.strategies.AdamW(lr=1e-3), not an optimizer instance)")  # fmt: skip
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise config_error(MODEL + "lr_scheduler", lr_scheduler, "must be a scheduler callable or null",
+                               "give {class_path: torch.optim.lr_scheduler.LinearLR, init_args: {...}} (in Python: "
+                               "functools.partial(LinearLR, total_iters=30), not a scheduler instance)")  # fmt: skip
+        check_scheduler(MODEL + "lr_scheduler", lr_scheduler)
+        check_str(MODEL + "monitor", monitor, fix="name a logged metric, e.g. val/loss")
         self.optimizer_strategy = optimizer if isinstance(optimizer, OptimizerStrategy) else CallableStrategy(optimizer)
         self.lr_scheduler_factory = lr_scheduler
         self.monitor = monitor
@@ -82,7 +100,7 @@ class LowMemModule(FoldedMomentumMixin, pl.LightningModule):
         except (ValueError, TypeError) as err:
             if (original := user_code_error(err)) is not None:  # e.g. the model's own lowmem_roles()
                 raise original
-            raise ConfigError(f"invalid optimizer configuration: {err}") from err
+            raise ConfigError(f"{MODEL}optimizer: invalid optimizer configuration: {err}") from err
         if self.lr_scheduler_factory is None:
             return optimizer
         try:
@@ -90,7 +108,8 @@ class LowMemModule(FoldedMomentumMixin, pl.LightningModule):
         except (ValueError, TypeError) as err:
             if (original := user_code_error(err)) is not None:
                 raise original
-            raise ConfigError(f"invalid lr_scheduler configuration: {err}") from err
+            raise ConfigError(f"{MODEL}lr_scheduler{_scheduler_args(self.lr_scheduler_factory)}: {err}; fix its "
+                              "init_args") from err
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "step"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config.update(interval="epoch", monitor=getattr(scheduler, "monitor", self.monitor))
@@ -156,6 +175,15 @@ class LowMemModule(FoldedMomentumMixin, pl.LightningModule):
         optimizers = self.optimizers(use_pl_optimizer=False)
         optimizer = optimizers[0] if isinstance(optimizers, list) else optimizers
         return float(optimizer.param_groups[0]["lr"])
+
+
+def _scheduler_args(factory: Any) -> str:
+    """`` (LinearLR start_factor=0, ...)`` for a scheduler callable that shows its class, else ``""``."""
+    found = scheduler_class_and_kwargs(factory)
+    if found is None:
+        return ""
+    cls, kwargs = found
+    return f" ({cls.__name__} " + ", ".join(f"{k}={show(v)}" for k, v in kwargs.items()) + ")"
 
 
 def _batch_size(batch: Any) -> int:

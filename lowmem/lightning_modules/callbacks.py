@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lowmem.lightning_modules.validation import check_optional_positive_int
 from lowmem.optim.memory import state_bytes
 
 __all__ = ["MemoryMonitor", "peak_memory_mib"]
@@ -44,8 +45,9 @@ class MemoryMonitor(pl.Callback):
     """Log memory (MiB) and step time (ms) of training; see the module docstring for the keys."""
 
     def __init__(self, log_every_n_steps: int | None = None) -> None:
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1 (or None for the Trainer's)")
+        key = "trainer.callbacks[MemoryMonitor].init_args.log_every_n_steps"
+        check_optional_positive_int(key, log_every_n_steps, fix="log every n optimizer steps, e.g. 10, or null for "
+                                    "trainer.log_every_n_steps")  # fmt: skip
         self.log_every_n_steps = log_every_n_steps
         self._start = 0.0
 

@@ -19,7 +19,16 @@ from lightning.pytorch.cli import LRSchedulerCallable
 
 from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
 from lowmem.lightning_modules.integration import LowMemCallback, gather_per_rank
-from lowmem.lightning_modules.unet import UNet
+from lowmem.lightning_modules.unet import UNet, check_unet_args
+from lowmem.lightning_modules.validation import (
+    MODEL,
+    check_fraction,
+    check_matches_data,
+    check_nonnegative_int,
+    check_positive_int,
+    check_seed,
+    config_error,
+)
 
 __all__ = ["DiffusionModel", "image_grid"]
 
@@ -71,11 +80,25 @@ class DiffusionModel(LowMemModule):
         monitor: str = "val/loss",
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
-        if not 0 < beta_start < beta_end < 1 or timesteps < 1:
-            raise ValueError(f"need 0 < beta_start < beta_end < 1 and timesteps >= 1; got "
-                             f"beta_start={beta_start}, beta_end={beta_end}, timesteps={timesteps}")  # fmt: skip
-        if image_size % 2 ** (len(channels) - 1):
-            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channels)-1)={2 ** (len(channels) - 1)}")
+        check_unet_args(MODEL, in_channels, channels, time_dim)
+        check_positive_int(MODEL + "image_size", image_size, fix="set the image side in pixels, e.g. 8 for digits")
+        levels = 2 ** (len(channels) - 1)
+        if image_size % levels:
+            example = levels * max(1, round(image_size / levels))
+            raise config_error(MODEL + "image_size", image_size, f"must be divisible by 2**(len(channels)-1)={levels} "
+                               f"(model.init_args.channels={list(channels)} halves the image {len(channels) - 1} "
+                               f"times)", f"use a multiple of {levels}, e.g. {example}, or fewer channel levels")  # fmt: skip
+        check_positive_int(MODEL + "timesteps", timesteps, fix="set the number of diffusion steps, e.g. 200")
+        beta_fix = "use a linear schedule inside (0, 1), e.g. beta_start: 0.0001, beta_end: 0.02"
+        check_fraction(MODEL + "beta_start", beta_start, fix=beta_fix)
+        check_fraction(MODEL + "beta_end", beta_end, fix=beta_fix)
+        if beta_start >= beta_end:
+            raise config_error(MODEL + "beta_start", beta_start, f"must be smaller than {MODEL}beta_end={beta_end} "
+                               "(the noise grows along the schedule)", beta_fix)  # fmt: skip
+        check_seed(MODEL + "seed", seed)
+        check_nonnegative_int(MODEL + "sample_every_n_epochs", sample_every_n_epochs,
+                              fix="set how many validation epochs apart to draw samples (0: never), e.g. 1")  # fmt: skip
+        check_positive_int(MODEL + "n_samples", n_samples, fix="set the samples per grid, e.g. 16")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.unet = UNet(in_channels, tuple(channels), time_dim)
         betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
@@ -84,6 +107,12 @@ class DiffusionModel(LowMemModule):
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self._train_rng: torch.Generator | None = None
         self._pending_rng_state: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_matches_data(self, MODEL + "in_channels", self.hparams.in_channels, "image_channels", "{}-channel images")
+        size = self.hparams.image_size
+        check_matches_data(self, MODEL + "image_size", size, "image_size", "{0}x{0} images")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t)

@@ -14,6 +14,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowmem.lightning_modules.sampling import ResumableSampler
+from lowmem.lightning_modules.validation import (
+    DATA,
+    check_a_batch_per_rank,
+    check_fraction,
+    check_nonnegative_int,
+    check_positive_int,
+    check_seed,
+    config_error,
+)
 
 __all__ = ["DigitsDataModule", "load_digits_tensors"]
 
@@ -37,7 +46,15 @@ class DigitsDataModule(pl.LightningDataModule):
         split_seed: seed of the fixed train/val/test permutation.
         num_workers: DataLoader worker processes (0 = load in the main process; the data is tiny).
         seed: seed of the training order (epoch ``e`` is shuffled with ``seed + e``).
+
+    ``image_channels``, ``image_size`` and ``num_classes`` describe the data; the models check
+    their own settings against them when a fit starts.
     """
+
+    image_channels = 1
+    image_size = 8
+    num_classes = 10
+    n_images = 1797
 
     def __init__(
         self,
@@ -49,12 +66,19 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) and sum to < 1"
-            )
+        check_positive_int(DATA + "batch_size", batch_size, fix="set the samples per batch, e.g. 64")
+        split_fix = "hold out a fraction in (0, 1) for validation, e.g. val_fraction: 0.15, test_fraction: 0.15"
+        check_fraction(DATA + "val_fraction", val_fraction, fix=split_fix)
+        check_fraction(DATA + "test_fraction", test_fraction, low_open=False, fix=split_fix)
+        if val_fraction + test_fraction >= 1:
+            raise config_error(DATA + "val_fraction", val_fraction, f"plus {DATA}test_fraction={test_fraction} leaves "
+                               "no training images", "make them sum to < 1, e.g. 0.15 and 0.15")  # fmt: skip
+        if int(self.n_images * val_fraction) < 1:
+            raise config_error(DATA + "val_fraction", val_fraction, f"holds out no image of the {self.n_images}",
+                               f"set at least {1 / self.n_images:.4f}, e.g. 0.15")  # fmt: skip
+        check_seed(DATA + "split_seed", split_seed)
+        check_nonnegative_int(DATA + "num_workers", num_workers, fix="set 0 (load in the main process) or more workers")
+        check_seed(DATA + "seed", seed)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -68,6 +92,8 @@ class DigitsDataModule(pl.LightningDataModule):
         n_val = int(len(labels) * self.hparams.val_fraction)
         n_test = int(len(labels) * self.hparams.test_fraction)
         parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
+        if stage in (None, "fit"):  # evaluation may use batches larger than the training split
+            check_a_batch_per_rank(DATA + "batch_size", self.batch_size, len(parts["train"]), self.trainer)
         self.splits = {name: TensorDataset(images[idx], labels[idx]) for name, idx in parts.items()}
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
@@ -89,3 +115,4 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
+

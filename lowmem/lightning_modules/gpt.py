@@ -15,7 +15,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "GPTConfig"]
+from lowmem.lightning_modules.validation import check_bool, check_fraction, check_positive_int, config_error
+
+__all__ = ["GPT", "GPTConfig", "check_gpt_args"]
+
+
+def check_gpt_args(prefix: str, *, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
+                   dropout: float, **flags: bool) -> None:  # fmt: skip
+    """The GPT's sizes, dropout and switches, each error naming ``prefix + name``
+    (``model.init_args.`` from a config, ``GPTConfig.`` for the dataclass itself)."""
+    check_positive_int(prefix + "vocab_size", vocab_size, fix="set the tokenizer's vocabulary, e.g. 256 for bytes")
+    check_positive_int(prefix + "block_size", block_size, fix="set the longest sequence in tokens, e.g. 128")
+    check_positive_int(prefix + "n_layer", n_layer, fix="set the number of transformer blocks, e.g. 2")
+    check_positive_int(prefix + "n_head", n_head, fix="set the attention heads, e.g. 4")
+    check_positive_int(prefix + "n_embd", n_embd, fix="set the width, a multiple of n_head, e.g. 128")
+    if n_embd % n_head:
+        divisors = [d for d in range(1, n_embd + 1) if n_embd % d == 0]
+        nearest = min(divisors, key=lambda d: (abs(d - n_head), -d))
+        raise config_error(prefix + "n_head", n_head, f"must divide {prefix}n_embd={n_embd} (each head gets "
+                           f"n_embd / n_head channels)", f"choose a divisor such as {nearest}, or make n_embd a "
+                           f"multiple of {n_head} (e.g. {n_head * max(1, round(n_embd / n_head))})")  # fmt: skip
+    check_fraction(prefix + "dropout", dropout, low_open=False, fix="set a probability in [0, 1), e.g. 0.0 or 0.1")
+    for name, value in flags.items():
+        check_bool(prefix + name, value)
 
 
 @dataclass
@@ -31,10 +53,7 @@ class GPTConfig:
     tie_weights: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head) < 1 or not 0 <= self.dropout < 1:
-            raise ValueError(f"invalid GPT config {self}: sizes must be >= 1 and dropout in [0, 1)")
+        check_gpt_args("GPTConfig.", **vars(self))
 
 
 class CausalSelfAttention(nn.Module):

@@ -14,6 +14,14 @@ from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
 
 from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
+from lowmem.lightning_modules.validation import (
+    MODEL,
+    check_group_norm,
+    check_int,
+    check_int_list,
+    check_matches_data,
+    check_positive_int,
+)
 
 __all__ = ["ImageClassifier", "ResNet", "BasicBlock"]
 
@@ -84,14 +92,20 @@ class ImageClassifier(LowMemModule):
         monitor: str = "val/loss",
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
-        if num_classes < 2 or in_channels < 1 or not widths or min(widths) < 1 or blocks_per_stage < 1:
-            raise ValueError(
-                f"ImageClassifier needs num_classes >= 2, in_channels >= 1, non-empty positive widths and "
-                f"blocks_per_stage >= 1; got num_classes={num_classes}, in_channels={in_channels}, "
-                f"widths={list(widths)}, blocks_per_stage={blocks_per_stage}"
-            )
+        check_positive_int(MODEL + "in_channels", in_channels, fix="set the image channels, e.g. 1 for digits, 3 for RGB")
+        check_int(MODEL + "num_classes", num_classes, 2, problem="a classifier needs num_classes >= 2",
+                  fix="set the number of classes in the data, e.g. 10 for digits")  # fmt: skip
+        check_int_list(MODEL + "widths", widths, 1, fix="give the channels of each stage, e.g. [32, 64]")
+        check_group_norm(MODEL + "widths", widths, list(widths),
+                         fix="use multiples of 8 (or widths below 8), e.g. [32, 64]")  # fmt: skip
+        check_positive_int(MODEL + "blocks_per_stage", blocks_per_stage, fix="set e.g. 1")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = ResNet(in_channels, num_classes, tuple(widths), blocks_per_stage)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_matches_data(self, MODEL + "in_channels", self.hparams.in_channels, "image_channels", "{}-channel images")
+        check_matches_data(self, MODEL + "num_classes", self.hparams.num_classes, "num_classes", "{} classes")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

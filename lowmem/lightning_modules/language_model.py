@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable
 
 from lowmem.lightning_modules.base import LowMemModule, OptimizerArg, default_optimizer
-from lowmem.lightning_modules.gpt import GPT, GPTConfig
+from lowmem.lightning_modules.gpt import GPT, GPTConfig, check_gpt_args
+from lowmem.lightning_modules.validation import MODEL, check_matches_data
 
 __all__ = ["LanguageModel"]
 
@@ -45,10 +46,17 @@ class LanguageModel(LowMemModule):
         monitor: str = "val/loss",
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
+        check_gpt_args(MODEL, vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, dropout=dropout, fused_qkv=fused_qkv, tie_weights=tie_weights)  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                                 n_embd=n_embd, dropout=dropout, fused_qkv=fused_qkv, tie_weights=tie_weights)  # fmt: skip
         self.gpt = GPT(self.config)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        check_matches_data(self, MODEL + "vocab_size", self.hparams.vocab_size, "vocab_size", "a vocabulary of {} tokens",
+                           at_least=True)  # fmt: skip
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.gpt(idx)

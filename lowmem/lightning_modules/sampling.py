@@ -32,6 +32,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
+from lowmem.lightning_modules.validation import check_bool, check_int, check_positive_int, check_seed, config_error
+
 __all__ = ["ResumableSampler"]
 
 
@@ -63,13 +65,20 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        check_positive_int("ResumableSampler.batch_size", batch_size, fix="pass the DataLoader's batch_size, e.g. 64")
+        check_bool("ResumableSampler.shuffle", shuffle)
+        check_seed("ResumableSampler.seed", seed)
+        check_bool("ResumableSampler.drop_last_batch", drop_last_batch)
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = trainer.world_size if trainer is not None else dist.get_world_size() if distributed else 1
         if rank is None:
             rank = trainer.global_rank if trainer is not None else dist.get_rank() if distributed else 0
+        check_positive_int("ResumableSampler.num_replicas", num_replicas, fix="pass the DDP world size, e.g. 1")
+        check_int("ResumableSampler.rank", rank, 0, fix=f"pass this process's rank, 0 to {num_replicas - 1}")
+        if rank >= num_replicas:
+            raise config_error("ResumableSampler.rank", rank, f"must be below num_replicas={num_replicas}",
+                               f"pass this process's rank, 0 to {num_replicas - 1}")  # fmt: skip
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.batch_size = batch_size
         self.trainer = trainer

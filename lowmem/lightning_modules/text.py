@@ -17,8 +17,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lowmem.lightning_modules.sampling import ResumableSampler
+from lowmem.lightning_modules.validation import (
+    DATA,
+    check_a_batch_per_rank,
+    check_fraction,
+    check_int,
+    check_nonnegative_int,
+    check_positive_int,
+    check_seed,
+    config_error,
+)
 
 __all__ = ["StdlibTextDataModule", "TokenWindows", "stdlib_corpus"]
+
+_MIN_BYTES = 10_000  # stdlib_corpus refuses a smaller corpus
 
 
 def stdlib_corpus(max_bytes: int) -> bytes:
@@ -32,7 +44,7 @@ def stdlib_corpus(max_bytes: int) -> bytes:
         if total >= max_bytes:
             break
     corpus = b"".join(chunks)[:max_bytes]
-    if len(corpus) < 10_000:
+    if len(corpus) < _MIN_BYTES:
         raise RuntimeError(f"found only {len(corpus)} bytes of Python source under {stdlib}")
     return corpus
 
@@ -64,18 +76,20 @@ class StdlibTextDataModule(pl.LightningDataModule):
         seed: seed of the training order (epoch ``e`` is shuffled with ``seed + e``).
     """
 
-    vocab_size = 256
+    vocab_size = 256  # bytes; LanguageModel checks its own vocab_size against it
 
     def __init__(
         self, block_size: int = 128, batch_size: int = 32, max_bytes: int = 1_000_000, val_fraction: float = 0.1,
         num_workers: int = 0, seed: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
-        if block_size < 2 or batch_size < 1 or max_bytes < 10_000 or not 0 < val_fraction < 1:
-            raise ValueError(
-                f"need block_size >= 2, batch_size >= 1, max_bytes >= 10000 and 0 < val_fraction < 1; got "
-                f"block_size={block_size}, batch_size={batch_size}, max_bytes={max_bytes}, val_fraction={val_fraction}"
-            )
+        check_positive_int(DATA + "block_size", block_size,
+                           fix="set the tokens per sequence, e.g. 128 (the model's block_size)")  # fmt: skip
+        check_positive_int(DATA + "batch_size", batch_size, fix="set the sequences per batch, e.g. 32")
+        check_int(DATA + "max_bytes", max_bytes, _MIN_BYTES, fix=f"set at least {_MIN_BYTES}, e.g. 1000000")
+        check_fraction(DATA + "val_fraction", val_fraction, fix="hold out a fraction in (0, 1), e.g. 0.1")
+        check_nonnegative_int(DATA + "num_workers", num_workers, fix="set 0 (load in the main process) or more workers")
+        check_seed(DATA + "seed", seed)
         self.save_hyperparameters()
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.splits: dict[str, TokenWindows] = {}
@@ -85,7 +99,14 @@ class StdlibTextDataModule(pl.LightningDataModule):
             return
         tokens = torch.frombuffer(bytearray(stdlib_corpus(self.hparams.max_bytes)), dtype=torch.uint8).long()
         cut = int(len(tokens) * (1 - self.hparams.val_fraction))
-        self.splits = {"train": TokenWindows(tokens[:cut], self.block_size), "val": TokenWindows(tokens[cut:], self.block_size)}
+        splits = {"train": TokenWindows(tokens[:cut], self.block_size), "val": TokenWindows(tokens[cut:], self.block_size)}
+        if len(splits["val"]) == 0:
+            raise config_error(DATA + "val_fraction", self.hparams.val_fraction, f"holds out {len(tokens) - cut} bytes, "
+                               f"less than one window of block_size + 1 = {self.block_size + 1} tokens",
+                               "raise val_fraction or max_bytes, or lower block_size")  # fmt: skip
+        if stage in (None, "fit"):  # evaluation may use batches larger than the training split
+            check_a_batch_per_rank(DATA + "batch_size", self.batch_size, len(splits["train"]), self.trainer)
+        self.splits = splits
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         data = self.splits[split]

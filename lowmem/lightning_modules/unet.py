@@ -13,7 +13,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "timestep_embedding"]
+from lowmem.lightning_modules.validation import check_group_norm, check_int_list, check_positive_int, config_error
+
+__all__ = ["UNet", "timestep_embedding", "check_unet_args", "norm_widths"]
+
+
+def norm_widths(channels: tuple[int, ...] | list[int]) -> list[int]:
+    """The channel counts of the GroupNorms :class:`UNet` builds for ``channels`` (a level's width,
+    and on the way up a level's width plus its skip connection)."""
+    widths, ch = [], channels[0]
+    for c in channels:
+        widths += [ch, c]
+        ch = c
+    widths += [ch, ch]  # mid block
+    for i, c in reversed(list(enumerate(channels))):
+        widths += [ch + c, c]
+        ch = channels[i - 1] if i > 0 else c
+    return widths + [ch]
+
+
+def check_unet_args(prefix: str, in_channels: int, channels: list[int], time_dim: int) -> None:
+    """The U-Net's arguments, each error naming ``prefix + name`` (``model.init_args.``, ``UNet.``)."""
+    check_positive_int(prefix + "in_channels", in_channels, fix="set the image channels, e.g. 1 for digits, 3 for RGB")
+    check_int_list(prefix + "channels", channels, 1, fix="give the channels of each resolution level, e.g. [32, 64]")
+    check_group_norm(prefix + "channels", channels, norm_widths(channels),
+                     fix="use multiples of 8 (or widths below 8), e.g. [32, 64]")  # fmt: skip
+    check_positive_int(prefix + "time_dim", time_dim, fix="set an even width, e.g. 128")
+    if time_dim % 2:
+        raise config_error(prefix + "time_dim", time_dim, "must be even (the timestep embedding is cos and sin "
+                           "halves)", f"set {time_dim + 1}")  # fmt: skip
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -44,6 +72,7 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = (32, 64), time_dim: int = 128) -> None:
         super().__init__()
+        check_unet_args("UNet.", in_channels, channels, time_dim)
         self.time_dim = time_dim
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
