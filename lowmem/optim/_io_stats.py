@@ -108,6 +108,7 @@ def io_weights(model: nn.Module) -> tuple[dict[int, list[nn.Linear]], dict[int, 
 # reference, so that hooks never keep a discarded optimizer alive):
 #   opt._owns(param) -> bool                         the hooks act only for the optimizer's own weights
 #   opt._io_exponents(param) -> (p, q)
+#   opt._grad_stat_scale(exponent) -> float         factor of a power sum of output gradients (ranks)
 #   opt._stage_stats(param, out_sum, in_sum)         statistics of one forward/backward pair
 #   opt._fused_momentum(param, x2d, dy2d)            fused mode: stats + M += (1-b1) dY^T X
 
@@ -178,7 +179,7 @@ def _linear_backward_hook(ref: _OptRef, param: Tensor, in_sum: Tensor, q: float,
     opt = ref()
     if opt is not None:
         with torch.no_grad():
-            opt._stage_stats(param, power_sum(grad_out, q), in_sum)
+            opt._stage_stats(param, power_sum(grad_out, q).mul_(opt._grad_stat_scale(q)), in_sum)
 
 
 def _embedding_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -198,7 +199,7 @@ def _embedding_backward_hook(ref: _OptRef, param: Tensor, counts: Tensor, p: flo
     opt = ref()
     if opt is not None:
         with torch.no_grad():
-            opt._stage_stats(param, counts, power_sum(grad_out, p))
+            opt._stage_stats(param, counts, power_sum(grad_out, p).mul_(opt._grad_stat_scale(p)))
 
 
 class _FusedLinear(torch.autograd.Function):

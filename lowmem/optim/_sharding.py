@@ -50,11 +50,13 @@ def all_reduce_sum(t: Tensor, p: Tensor) -> Tensor:
 
 
 def gather_rows(local: Tensor, p: Tensor) -> Tensor:
-    """The full ``(n,)`` vector of per-row values from each rank's ``(local rows,)`` part."""
+    """The full ``(n, *rest)`` tensor of per-row values of ``p``'s dim 0 from each rank's
+    ``(local rows, *rest)`` part (a number per row, or a row of k numbers)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    full = DTensor.from_local(local.contiguous(), p.device_mesh, [Shard(0)], run_check=False,
-                              shape=torch.Size([p.shape[0]]), stride=(1,))  # fmt: skip
+    shape = torch.Size([p.shape[0], *local.shape[1:]])
+    full = DTensor.from_local(local.contiguous(), p.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())  # fmt: skip
     return full.full_tensor()
 
 

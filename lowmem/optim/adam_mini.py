@@ -20,11 +20,10 @@ from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
 )  # fmt: skip
 from lowmem.optim._fast import FAST_PATH_MIN_NUMEL, check_fused, local_tensor
-from lowmem.optim._sharding import all_reduce_sum, check_fsdp_layout, gather_rows, is_sharded, local_rows, state_like
+from lowmem.optim._sharded_blocks import block_comm_bytes, block_v_state, sharded_block_mean_sq, sharded_expand
+from lowmem.optim._sharding import check_fsdp_layout, is_sharded
 from lowmem.optim.blocks import (
-    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_means_of_rows, block_segments, block_shape, check_block,
-    expand_blocks, group_params,
-    head_config,
+    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_segments, check_block, expand_blocks, group_params, head_config,
 )  # fmt: skip
 from lowmem.optim.roles import Role, classify_parameters
 
@@ -123,7 +122,7 @@ class AdamMini(LowMemOptimizer):
                 dtype = state_dtype_for(p, group["state_in_param_dtype"])
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = _v_state(p, group, dtype)
+                state["exp_avg_sq"] = block_v_state(p, group, dtype)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -142,7 +141,7 @@ class AdamMini(LowMemOptimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-            self.comm_bytes_per_step += sum(comm_bytes(p, group, v) for p, v in zip(params, exp_avg_sqs))
+            self.comm_bytes_per_step += sum(block_comm_bytes(p, group, v) for p, v in zip(params, exp_avg_sqs))
             beta1, beta2 = group["betas"]
             fused = group["fused"] if group["fused"] is not None else total_numel >= FAST_PATH_MIN_NUMEL
             adam_mini(
@@ -183,81 +182,19 @@ def adam_mini(
             check_fsdp_layout(shard, "AdamMini")
             param, grad, exp_avg, exp_avg_sq = (local_tensor(t) for t in (param, grad, exp_avg, exp_avg_sq))
         g = grad.to(exp_avg.dtype)
-        mean_sq = block_mean_sq(g, blocks) if shard is None else _sharded_block_mean_sq(g, blocks, shard)
+        mean_sq = block_mean_sq(g, blocks) if shard is None else sharded_block_mean_sq(g, blocks, shard)
         exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         exp_avg.lerp_(g, 1 - beta1)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        v = expand_blocks(exp_avg_sq, param.shape, blocks) if shard is None else _sharded_expand(exp_avg_sq, blocks, shard)
+        v = expand_blocks(exp_avg_sq, param.shape, blocks) if shard is None else sharded_expand(exp_avg_sq, blocks, shard)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         if param.dtype == exp_avg.dtype:
             param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         else:  # low-precision param with fp32 state: compute the update in fp32, round once
             param.add_((exp_avg / denom).to(param.dtype), alpha=-lr / bias_correction1)
-
-
-def _fan_out(p: torch.Tensor, blocks: Mapping[str, Any]) -> int:
-    return blocks["fan_out_dim"] % p.ndim
-
-
-def _sharded_block_mean_sq(g: torch.Tensor, blocks: Mapping[str, Any], p: torch.Tensor) -> torch.Tensor:
-    """:func:`~lowmem.optim.blocks.block_mean_sq` of the local shard ``g`` of FSDP2 parameter ``p``,
-    in the layout of its v state (:func:`_v_state`). Entries and whole rows of dim 0 are local; a
-    tensor's mean and rows of another fan-out dim all-reduce their partial sums; head and q/k/v
-    blocks (which may straddle two ranks) all-gather the per-row means, one number per row."""
-    kind, sq = blocks["block"], g.contiguous() * g.contiguous()
-    if kind == "element" or p.ndim == 0:
-        return sq
-    if kind == "tensor":
-        return all_reduce_sum(sq.sum(), p) / p.numel()
-    d = _fan_out(p, blocks)
-    others = [i for i in range(p.ndim) if i != d]
-    if d == 0:
-        row_mean = sq.mean(dim=others, keepdim=True) if others else sq
-        if kind == "row":
-            return row_mean
-        return block_means_of_rows(gather_rows(row_mean.reshape(-1), p), p.shape, blocks)
-    row_mean = all_reduce_sum(sq.sum(dim=others, keepdim=True), p) / (p.numel() // p.shape[d])
-    return row_mean if kind == "row" else block_means_of_rows(row_mean.reshape(-1), p.shape, blocks)
-
-
-def _sharded_expand(v: torch.Tensor, blocks: Mapping[str, Any], p: torch.Tensor) -> torch.Tensor:
-    """The local v of FSDP2 parameter ``p``, broadcastable against its shard: head/q/k/v blocks
-    (held whole on every rank) are expanded and, along dim 0, cut to this rank's rows."""
-    if blocks["block"] not in ("head", "qkv") or p.ndim == 0:
-        return v
-    full = expand_blocks(v, p.shape, blocks)
-    if _fan_out(p, blocks) != 0:
-        return full
-    start, count = local_rows(p)
-    return full[start : start + count]
-
-
-def _v_state(p: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
-    """The zero v of ``p``. FSDP2 parameters get a DTensor: sharded like ``p`` where v has one
-    entry per entry or per row of dim 0, replicated where it is per tensor, per row of another
-    fan-out dim or per head (every rank needs those whole)."""
-    shape = block_shape(p.shape, group)
-    if not is_sharded(p):
-        return torch.zeros(shape, dtype=dtype, device=p.device)
-    kind = group["block"]
-    per_row_0 = p.ndim > 0 and (kind == "element" or (kind == "row" and _fan_out(p, group) == 0))
-    return state_like(p, shape, dtype, sharded_rows=per_row_0)
-
-
-def comm_bytes(p: torch.Tensor, group: Mapping[str, Any], v: torch.Tensor) -> int:
-    """Bytes one Adam-mini step sends for parameter ``p`` (the payload of its all-reduce or
-    all-gather; 0 for a plain tensor, entries and rows of dim 0)."""
-    kind = group["block"]
-    if not is_sharded(p) or kind == "element" or p.ndim == 0:
-        return 0
-    if kind == "tensor":
-        return v.element_size()
-    if _fan_out(p, group) == 0:
-        return 0 if kind == "row" else p.shape[0] * v.element_size()  # all-gathered row means
-    return p.shape[_fan_out(p, group)] * v.element_size()
 
 
 def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim._sharded_blocks import block_comm_bytes, block_v_state, sharded_block_mean_sq, sharded_expand
+from lowmem.optim._sharding import check_fsdp_layout, gather_rows, is_sharded, local_rows, state_like
 from lowmem.optim.blocks import (
     BLOCK_DEFAULTS, block_keys, block_mean_sq, block_shape, check_block, expand_blocks, group_params,
     head_config, qkv_split,
@@ -83,6 +85,17 @@ class AdaPM(LowMemOptimizer):
     ``L = M R^T (R R^T)^-1``, ``R = (L^T L)^-1 L^T M``, without squaring the condition number).
     L has orthonormal columns after every step.
 
+    FSDP2 (parameters sharded along dim 0, ``fully_shard``): every rank steps its rows with the
+    maths of one process. Element-wise parts (``v``, full momentum) are local; AdaPM-mini's block
+    means communicate as Adam-mini's do. A low-rank block keeps ``L`` sharded by rows like the
+    weight and ``R`` whole on every rank; the factor updates need two kinds of collective:
+    the orthonormal bases ``orth(Y)`` of tall products ``Y = M X`` (n x k, k = r + 10 at most) are
+    taken of the all-gathered ``Y`` (every rank computes the same QR, then keeps its rows), and the
+    products ``M^T Q``, ``Q^T M`` (m x k) sum their per-rank parts (all-reduce). A fused q/k/v cut
+    along dim 0, the sharded dim, has segments whose rows straddle the shards: its gradient is
+    all-gathered (the parameter's size) and its momentum state kept whole on every rank, so the
+    step is the one-process step on the whole tensor. ``comm_bytes_per_step`` counts all of it.
+
     Args:
         params: parameters or param groups, best from :func:`adapm_param_groups`.
         lr: learning rate.
@@ -98,7 +111,8 @@ class AdaPM(LowMemOptimizer):
             factors stay fp32: an ALS solve in bf16 is unstable).
     """
 
-    capabilities = Capabilities(needs_full_shapes=True, needs_param_names=True, supports_dtensor=False)
+    capabilities = Capabilities(needs_full_shapes=True, needs_param_names=True, supports_dtensor=True)
+    comm_bytes_per_step = 0  # bytes the last step sent between FSDP2 ranks (set by step)
 
     def __init__(
         self,
@@ -160,17 +174,19 @@ class AdaPM(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sent = 0
         for group in self.param_groups:
             params, grads, states = [], [], []
             self._init_group(group, params, grads, states)
             beta1, beta2 = group["betas"]
-            adapm(
+            sent += adapm(
                 params, grads, states,
                 momentum=group["momentum"], second_moment=group["second_moment"], lr=group["lr"],
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 clip=group["clip"], refresh_every=group["refresh_every"],
                 blocks={k: group[k] for k in BLOCK_DEFAULTS},
             )  # fmt: skip
+        self.comm_bytes_per_step = sent
         return loss
 
 
@@ -213,55 +229,109 @@ def _part(t: torch.Tensor, dim: int, span: tuple[int, int] | None) -> torch.Tens
 def _init_state(state: dict, p: torch.Tensor, group: dict) -> None:
     dtype = state_dtype_for(p, group["state_in_param_dtype"])
     factor_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    sharded = is_sharded(p)
+    if sharded:
+        check_fsdp_layout(p, "AdaPM")
+
+    def zeros(shape: tuple[int, ...], dtype: torch.dtype, rows_like_p: bool) -> torch.Tensor:
+        """A zero state tensor; under FSDP2 sharded by rows like ``p``, else whole on every rank
+        (R; the parts of a q/k/v cut along dim 0, see :func:`_whole_on_every_rank`)."""
+        if not sharded:
+            return torch.zeros(shape, dtype=dtype, device=p.device)
+        return state_like(p, shape, dtype, sharded_rows=rows_like_p)
+
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-    v_shape = block_shape(p.shape, group) if group["second_moment"] == "mini" else p.shape
-    state["exp_avg_sq"] = torch.zeros(v_shape, dtype=dtype, device=p.device)
+    if group["second_moment"] == "mini":
+        state["exp_avg_sq"] = block_v_state(p, group, dtype)
+    else:
+        state["exp_avg_sq"] = zeros(tuple(p.shape), dtype, rows_like_p=True)
+    dim = group["fan_out_dim"]
     for suffix, kind, span in _segments(p.shape, group):
-        part = _part(p, group["fan_out_dim"], span)
+        shape = list(p.shape)
+        if span is not None:
+            shape[dim] = span[1]
         if kind == "full":
-            state["exp_avg" + suffix] = torch.zeros(part.shape, dtype=dtype, device=p.device)
+            state["exp_avg" + suffix] = zeros(tuple(shape), dtype, rows_like_p=span is None or dim != 0)
         else:
-            n, m = part.shape
+            n, m = shape
             r = lowrank_rank(n, m, group["rank_fraction"])
             # Zeros are placeholders: the first step re-initialises the factors from an SVD of M.
-            state["factor_L" + suffix] = torch.zeros(n, r, dtype=factor_dtype, device=p.device)
-            state["factor_R" + suffix] = torch.zeros(r, m, dtype=factor_dtype, device=p.device)
+            state["factor_L" + suffix] = zeros((n, r), factor_dtype, rows_like_p=span is None or dim != 0)
+            state["factor_R" + suffix] = zeros((r, m), factor_dtype, rows_like_p=False)
 
 
-def _truncated_svd(M: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r factors of M by a randomized SVD: ``L`` (n x r, orthonormal), ``R = L^T M``."""
-    n, m = M.shape
-    k = min(r + OVERSAMPLE, n, m)
+def _whole_on_every_rank(p: torch.Tensor, group: Mapping[str, Any]) -> bool:
+    """Whether FSDP2 parameter ``p`` is a fused q/k/v cut along dim 0, the sharded dim: its
+    momentum state is kept whole on every rank and stepped from the all-gathered gradient."""
+    return is_sharded(p) and group["momentum"] == "qkv" and group["fan_out_dim"] % p.ndim == 0
+
+
+class _Rows:
+    """The rows of a block of M (n x m) that this rank holds, and the collectives over them.
+
+    One process: all rows; ``orth`` is a QR and ``total`` the identity. FSDP2 (``shard`` the
+    parameter, whose dim-0 shards are the block's rows): ``orth`` QR-factors the all-gathered
+    tall matrix (every rank the same QR) and returns this rank's rows of Q; ``total`` sums the
+    per-rank parts of a product over the rows. ``sent`` counts the bytes.
+    """
+
+    def __init__(self, shard: torch.Tensor | None = None) -> None:
+        self.shard, self.sent = shard, 0
+
+    def n(self, M: torch.Tensor) -> int:
+        return M.shape[0] if self.shard is None else self.shard.shape[0]
+
+    def orth(self, Y: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return torch.linalg.qr(Y).Q
+        full = gather_rows(Y, self.shard)
+        self.sent += full.numel() * full.element_size()
+        start, count = local_rows(self.shard)
+        return torch.linalg.qr(full).Q[start : start + count]
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        if self.shard is None:
+            return t
+        torch.distributed.all_reduce(t, group=self.shard.device_mesh.get_group())
+        self.sent += t.numel() * t.element_size()
+        return t
+
+
+def _truncated_svd(M: torch.Tensor, r: int, seed: int, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors of M (this rank's ``rows``) by a randomized SVD: ``L`` (n x r, orthonormal), ``R = L^T M``."""
+    m = M.shape[1]
+    k = min(r + OVERSAMPLE, rows.n(M), m)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(m, k, generator=generator, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
-    Q = torch.linalg.qr(M @ omega).Q
+    Q = rows.orth(M @ omega)
     for _ in range(POWER_ITERS):  # re-orthonormalise between the products: fp32 loses the small directions
-        Q = torch.linalg.qr(M @ torch.linalg.qr(M.T @ Q).Q).Q
-    U, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+        Q = rows.orth(M @ torch.linalg.qr(rows.total(M.T @ Q)).Q)
+    U, S, Vh = torch.linalg.svd(rows.total(Q.T @ M), full_matrices=False)
     return Q @ U[:, :r], S[:r, None] * Vh[:r]
 
 
-def _als_sweep(M: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _als_sweep(M: torch.Tensor, R: torch.Tensor, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """One alternating-least-squares sweep (L step, then R step) warm-started from R, in QR form."""
-    L = torch.linalg.qr(M @ torch.linalg.qr(R.T).Q).Q
-    return L, L.T @ M
+    L = rows.orth(M @ torch.linalg.qr(R.T).Q)
+    return L, rows.total(L.T @ M)
 
 
 def _lowrank_momentum(
-    g: torch.Tensor, L: torch.Tensor, R: torch.Tensor, beta1: float, refresh: bool, seed: int
+    g: torch.Tensor, L: torch.Tensor, R: torch.Tensor, beta1: float, refresh: bool, seed: int, rows: _Rows
 ) -> torch.Tensor:
     """Update the factors in place; return the corrected momentum ``L R + (M - L R)/(1-b1)``."""
     M = torch.addmm(g.to(L.dtype), L, R, beta=1 - beta1, alpha=beta1)  # (1-b1) g + b1 L R
-    if M.numel() == 0:
+    if rows.n(M) * M.shape[1] == 0:
         return M
-    new_L, new_R = _truncated_svd(M, L.shape[1], seed) if refresh else _als_sweep(M, R)
+    new_L, new_R = _truncated_svd(M, L.shape[1], seed, rows) if refresh else _als_sweep(M, R, rows)
     L.copy_(new_L)
     R.copy_(new_R)
     return torch.addmm(M, L, R, alpha=-beta1).div_(1 - beta1)  # = L R + (M - L R)/(1-b1)
 
 
-def _momentum(g: torch.Tensor, state: dict, group: Mapping[str, Any], step: int) -> torch.Tensor:
-    """The block's momentum estimate m (a fresh tensor or the exp_avg state; never g itself modified)."""
+def _momentum(g: torch.Tensor, state: dict, group: Mapping[str, Any], step: int, rows: _Rows) -> torch.Tensor:
+    """The block's momentum estimate m (a fresh tensor or the exp_avg state; never g itself modified).
+    ``g`` and ``state`` are this rank's rows under FSDP2 (``rows``)."""
     segments = _segments(g.shape, group)
     if not segments:
         return g
@@ -276,7 +346,7 @@ def _momentum(g: torch.Tensor, state: dict, group: Mapping[str, Any], step: int)
             value = state["exp_avg" + suffix].lerp_(g_part, 1 - group["beta1"])
         else:
             L, R = state["factor_L" + suffix], state["factor_R" + suffix]
-            value = _lowrank_momentum(g_part, L, R, group["beta1"], refresh, seed=step)
+            value = _lowrank_momentum(g_part, L, R, group["beta1"], refresh, seed=step, rows=rows)
         _part(out, dim, span).copy_(value)
     return out
 
@@ -298,20 +368,37 @@ def adapm(
     blocks: Mapping[str, Any],
 ) -> None:
     """Functional AdaPM step over one param group (see :class:`AdaPM`); ``states`` are the
-    per-parameter state dicts."""
+    per-parameter state dicts. Returns the bytes sent between FSDP2 ranks (0 for plain tensors)."""
     group = dict(blocks, momentum=momentum, beta1=beta1, refresh_every=refresh_every)
     mini = second_moment == "mini"
+    sent = 0
     for param, grad, state in zip(params, grads, states):
         state["step"] += 1
         step = int(state["step"].item())
+        shard = param if is_sharded(param) else None
+        if shard is not None:  # FSDP2: the local rows of everything (whole-tensor state stays whole)
+            param, grad = param.to_local(), grad.to_local()
+            state = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
         exp_avg_sq = state["exp_avg_sq"]
         g = grad.to(exp_avg_sq.dtype)
-        if mini:
+        if mini and shard is not None:
+            exp_avg_sq.mul_(beta2).add_(sharded_block_mean_sq(g, blocks, shard), alpha=1 - beta2)
+            v = sharded_expand(exp_avg_sq, blocks, shard)
+            sent += block_comm_bytes(shard, blocks, exp_avg_sq)
+        elif mini:
             exp_avg_sq.mul_(beta2).add_(block_mean_sq(g, blocks), alpha=1 - beta2)
             v = expand_blocks(exp_avg_sq, param.shape, blocks)
         else:
             v = exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        m = _momentum(g, state, group, step)
+        if shard is not None and _whole_on_every_rank(shard, group):
+            g_full = gather_rows(g, shard)  # the one-process step on the whole tensor, then our rows
+            start, count = local_rows(shard)
+            m = _momentum(g_full, state, group, step, _Rows())[start : start + count]
+            sent += g_full.numel() * g_full.element_size()
+        else:
+            rows = _Rows(shard if momentum in ("lowrank", "qkv") else None)
+            m = _momentum(g, state, group, step, rows)
+            sent += rows.sent
         if momentum == "adamw":  # torch.optim.AdamW, bias-corrected, no clip
             denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             update = m / denom
@@ -324,6 +411,7 @@ def adapm(
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         param.add_(update.to(param.dtype), alpha=-update_scale)
+    return sent
 
 
 def adapm_param_groups(

@@ -25,10 +25,14 @@ is added to the uncorrected ``D`` (as in the authors' code), i.e. it acts as ``e
 
 Gradient accumulation and loss scaling: statistics use ``dY`` exactly as autograd delivers it,
 summed over every token of every micro-batch between two steps, as the gradient is. With the
-usual ``loss / n_micro`` scaling this equals the full-batch statistics; in general the update is
-invariant to any constant loss scale ``s`` (``M`` and ``D`` both scale by ``|s|``; only eps is
-not). The same argument makes the DDP average of ``R`` and ``C`` equal the single-process
-full-batch statistics.
+usual ``loss / n_micro`` scaling this equals the full-batch statistics; for an untied weight
+the update is invariant to any constant loss scale ``s`` (``M`` and ``D`` both scale by ``|s|``;
+only eps is not). A weight tied to an embedding is not: its sums mix token counts and inputs,
+which no loss scale touches, with output-gradient terms. Distributed (DDP or FSDP2 over ``w``
+ranks), the averaged gradient is the gradient of the global batch, whose output gradients are
+each rank's ``dY / w``: every rank stages ``w^-q sum |dY|^q`` (``w^-p`` for an embedding's
+``dE``) and ``step()`` all-reduces the *sums*, so ``R`` and ``C`` are exactly the statistics one
+process would gather from the global batch.
 
 Everything not owned by IO-Adam (biases, norms, embeddings, convolutions, Linear weights used
 elsewhere) follows AdamW in the same optimizer. See ``lowmem.optim._io_stats`` for how the
@@ -95,14 +99,15 @@ class IOAdam(LowMemOptimizer):
     ``load_state_dict`` discards staged statistics. Staged statistics are not saved (nor are
     gradients).
 
-    Distributed: under DDP (``fused=False``) ``step()`` all-reduces (averages) this step's staged
+    Distributed: under DDP (``fused=False``) ``step()`` all-reduces (sums) this step's staged
     sums of every IO-Adam weight in one collective over the default process group before it
-    commits them, so every rank computes the same ``D``; every rank must call ``step()``.
+    commits them (the output-gradient terms staged scaled, see the module docstring), so every
+    rank computes the ``D`` of one process at the global batch; every rank must call ``step()``.
     ``fused=True`` refuses a world size above 1. Under FSDP2 (``fully_shard``: weights sharded
     along dim 0, the output rows) each rank still sees the whole ``X`` and ``dY`` of its own
-    micro-batch, so the statistics are captured and averaged exactly as under DDP; then each rank
+    micro-batch, so the statistics are captured and summed exactly as under DDP; then each rank
     keeps the rows of ``R`` (sharded like the weight, as ``M`` is) that its shard of ``W`` needs,
-    and all of ``C`` (replicated). ``comm_bytes_per_step`` counts the bytes the average sends.
+    and all of ``C`` (replicated). ``comm_bytes_per_step`` counts the bytes the sum sends.
 
     Not compatible with an fp16 ``GradScaler`` (``R`` sees the scaled ``dY``, the unscale does
     not reach it, and fused updates happen before the inf check): use bf16. Gradient clipping
@@ -238,6 +243,12 @@ class IOAdam(LowMemOptimizer):
     def _owns(self, w: Tensor) -> bool:
         return w in self._io_group
 
+    def _grad_stat_scale(self, exponent: float) -> float:
+        """``world^-exponent``: a power sum of this rank's output gradients as a part of the global
+        batch's (the averaged gradient's output gradients are ``dY / world``); 1 in one process."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return float(world) ** -exponent
+
     def _io_exponents(self, w: Tensor) -> tuple[float, float]:
         p = self.param_groups[self._io_group[w]]["p"]
         return p, p / (p - 1.0)
@@ -285,11 +296,10 @@ class IOAdam(LowMemOptimizer):
         state["in_stats"] = torch.zeros(w.shape[1], b, dtype=dtype, device=w.device)
 
     def _all_reduce_statistics(self) -> None:
-        """Average this step's staged sums over the DDP/FSDP2 ranks (one all-reduce per dtype/device)."""
+        """Sum this step's staged sums over the DDP/FSDP2 ranks (one all-reduce per dtype/device)."""
         self.comm_bytes_per_step = 0
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
             return
-        world = dist.get_world_size()
         buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for g in self.param_groups:
             for w in g["params"] if g["io"] else ():
@@ -301,8 +311,7 @@ class IOAdam(LowMemOptimizer):
             for i, w in enumerate(weights):
                 for part, staged in zip(parts[2 * i : 2 * i + 2], self._staged.get(w, ())):
                     part.copy_(staged)
-            dist.all_reduce(flat)  # SUM: gloo has no AVG
-            flat.div_(world)
+            dist.all_reduce(flat)
             self.comm_bytes_per_step += flat.numel() * flat.element_size()
             for i, w in enumerate(weights):
                 self._staged[w] = [parts[2 * i], parts[2 * i + 1]]
