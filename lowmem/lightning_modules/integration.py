@@ -42,7 +42,9 @@ its first moment in ``.grad``) must own:
   before its state is loaded;
 - the step that reaches ``max_steps`` is always checkpointed (when the Trainer checkpoints, without
   a monitored metric);
-- it logs ``precision/momentum_resets`` under :class:`~lowmem.strategies.FoldedMomentumPrecision`.
+- it logs ``precision/momentum_resets`` under :class:`~lowmem.strategies.FoldedMomentumPrecision`;
+- under an optimizer that acts by parameter role (SlimAdamW, AdaPM, Adam-mini) it warns once, in
+  one line, naming the matrices the role classifier left in ``other`` and how to override them.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class LowMemCallback(pl.Callback):
                     "(or subclass lowmem.lightning_modules.LowMemModule)."
                 )
         self._check_resumed_optimizers(trainer)
+        _warn_unassigned_roles(trainer, pl_module, strategy)
         if self.rng_stream is None:  # neither restored nor left by an earlier fit: start it here
             self.rng_stream = _rng_state(pl_module.device)
 
@@ -224,6 +227,25 @@ def _mark_epoch_started(trainer: pl.Trainer, checkpoint: dict) -> None:
         counts = progress.get(scope, {})
         if "completed" in counts and counts.get("ready", 0) <= counts["completed"]:
             counts["ready"] = counts["started"] = counts["completed"] + 1
+
+
+# The optimizers whose update depends on the parameter roles (lowmem.optim.roles), beyond weight decay.
+_ACTS_BY_ROLE = ("SlimAdamW", "AdaPM", "AdamMini")
+
+
+def _warn_unassigned_roles(trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: Any) -> None:
+    """One warning line (rank 0) naming the matrices left in ``Role.OTHER``, for role-driven optimizers."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    from lowmem.optim.roles import unassigned_matrices, unassigned_warning
+
+    acting = [n for n in (type(getattr(o, "optimizer", o)).__name__ for o in trainer.optimizers) if n in _ACTS_BY_ROLE]
+    if not acting:
+        return
+    overrides = strategy.role_overrides if isinstance(strategy, OptimizerStrategy) else None
+    message = unassigned_warning(unassigned_matrices(pl_module, overrides), acting[0])
+    if message:
+        rank_zero_warn(message, category=UserWarning)
 
 
 def _qualified(optimizer: Any) -> str:

@@ -24,14 +24,21 @@ HF ``Conv1D``          (in, out)       (0,)         (1,)
 
 from __future__ import annotations
 
+import difflib
 import enum
 import fnmatch
-from collections.abc import Iterator, Mapping
+import functools
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Role", "ParamRole", "classify_parameters", "weight_decay_param_groups"]
+__all__ = ["Role", "ParamRole", "OVERRIDES_KEY", "classify_parameters", "name_matches", "unassigned_matrices",
+           "unassigned_warning", "weight_decay_param_groups"]  # fmt: skip
+
+# Where a config sets the overrides (the strategy's ``role_overrides``), named in error messages.
+OVERRIDES_KEY = "model.init_args.optimizer.init_args.role_overrides"
 
 
 class Role(enum.StrEnum):
@@ -168,6 +175,66 @@ def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, n
             yield full, module, local_name, param
 
 
+@functools.lru_cache(maxsize=1024)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A name pattern as a regex over dotted parameter names (see :func:`name_matches`)."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**.", i) and (i == 0 or pattern[i - 1] == "."):
+            out.append(r"(?:[^.]+\.)*")  # zero or more leading components
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(r".*")
+            i += 2
+        elif c == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif c == "?":
+            out.append(r"[^.]")
+            i += 1
+        elif c == "[" and (j := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) != -1:
+            body = pattern[i + 1 : j]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", r"\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Whether the dotted parameter ``name`` matches ``pattern``, a glob read per name component.
+
+    ``*`` matches within one component (never a dot), ``?`` one character of a component,
+    ``[abc]``/``[!abc]`` one character of a set; ``**`` matches any number of components: a whole
+    ``**.`` component zero or more of them (``**.output.dense.weight`` matches
+    ``output.dense.weight`` and ``encoder.layer.0.output.dense.weight``). So
+    ``encoder.layer.*.output.dense.weight`` matches the MLP's ``encoder.layer.3.output.dense.weight``
+    but not ``encoder.layer.3.attention.output.dense.weight``, which an ``fnmatch`` ``*`` would.
+    A name without wildcards matches only itself.
+    """
+    return pattern == name or _glob_regex(pattern).match(name) is not None
+
+
+def _check_overrides_match(patterns: Iterable[str], names: list[str], where: str) -> None:
+    """Raise a one-line ``ValueError`` for the first override pattern that matches no parameter name."""
+    for pattern in patterns:
+        if any(name_matches(pattern, name) for name in names):
+            continue
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.0)
+        hint = ""
+        crossing = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if crossing:
+            hint = (f"; `*` stops at dots (it matches within one name component): write '**.' for any depth, "
+                    f"e.g. '**.{pattern.lstrip('*.')}' (the fnmatch reading would catch {crossing[0]!r})")  # fmt: skip
+        raise ValueError(
+            f"{where}: pattern {pattern!r} matches no parameter of the model{hint}; closest parameter names: "
+            + ", ".join(close)
+        )
+
+
 def classify_parameters(
     model: nn.Module, overrides: Mapping[str, Role | str] | None = None, *, trainable_only: bool = True
 ) -> list[ParamRole]:
@@ -175,28 +242,56 @@ def classify_parameters(
 
     Args:
         model: the model; wrappers (DDP, compiled modules) should be unwrapped first.
-        overrides: ``{fnmatch pattern on the parameter name: role}``; the first matching pattern
-            wins. Use it for custom layers the classifier cannot read, e.g.
-            ``{"*.my_attn.wq.weight": "query"}``. A model may also define ``lowmem_roles()``
-            returning such a mapping.
+        overrides: ``{pattern on the parameter name: role}``; the first matching pattern wins
+            (the strategies' ``role_overrides``). Patterns are globs read per dotted name
+            component (:func:`name_matches`: ``*`` never crosses a dot, ``**`` does), e.g.
+            ``{"**.my_attn.wq.weight": "query"}``. A model may also define ``lowmem_roles()``
+            returning such a mapping (``overrides`` win over it). A pattern that matches no
+            parameter name is an error (``ValueError``), as a misspelled key is.
         trainable_only: skip parameters with ``requires_grad=False``.
     """
-    own = dict(getattr(model, "lowmem_roles", lambda: {})())
-    own.update(overrides or {})
+    model_own = dict(getattr(model, "lowmem_roles", lambda: {})() or {})
+    given = dict(overrides or {})
+    own = {**given, **{k: v for k, v in model_own.items() if k not in given}}
     unknown = {str(v) for v in own.values()} - {r.value for r in Role}
     if unknown:
         raise ValueError(f"unknown role(s) {sorted(unknown)} in overrides; valid roles: {[r.value for r in Role]}")
+    owned = list(_owned_parameters(model))
+    if own:
+        names = [full for full, *_ in owned]
+        _check_overrides_match(given, names, f"role override ({OVERRIDES_KEY} in a config)")
+        _check_overrides_match(model_own.keys() - given.keys(), names, f"{type(model).__name__}.lowmem_roles()")
     result = []
-    for full, module, local, param in _owned_parameters(model):
+    for full, module, local, param in owned:
         if trainable_only and not param.requires_grad:
             continue
         mod_path = tuple(full.split(".")[:-1])
-        role = next((Role(r) for pat, r in own.items() if fnmatch.fnmatchcase(full, pat)), None)
+        role = next((Role(r) for pat, r in own.items() if name_matches(pat, full)), None)
         if role is None:
             role = _module_role(module, mod_path, local, param.ndim)
         fan_in, fan_out = _fan_dims(module, local, param.ndim)
         result.append(ParamRole(full, param, module, role, fan_in, fan_out))
     return result
+
+
+def unassigned_matrices(model: nn.Module, overrides: Mapping[str, Role | str] | None = None) -> list[str]:
+    """Names of the trainable matrices and kernels (ndim >= 2) the classifier leaves in ``other``."""
+    return [i.name for i in classify_parameters(model, overrides) if i.role is Role.OTHER and i.param.ndim >= 2]
+
+
+def unassigned_warning(names: list[str], optimizer: str, shown: int = 5) -> str:
+    """The one-line fit-start warning for :func:`unassigned_matrices` (empty when there are none)."""
+    if not names:
+        return ""
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    example = names[0]
+    return (
+        f"{optimizer} acts by parameter role, and {len(names)} matri{'x' if len(names) == 1 else 'ces'} of this model "
+        f"{'has' if len(names) == 1 else 'have'} none (role 'other': no compression, plain Adam blocks/momentum): "
+        f"{listed}. Name their roles with {OVERRIDES_KEY}: {{'{example}': mlp_up}} (globs per name component: "
+        "'**.fc.weight'; roles: " + ", ".join(r.value for r in Role if r is not Role.OTHER) + "), or a "
+        "lowmem_roles() method on the model; `lowmem roles --config X.yaml` lists every parameter's role."
+    )
 
 
 def weight_decay_param_groups(

@@ -1,0 +1,132 @@
+"""The role classifier (lowmem.optim.roles): override patterns, the fit-start warning for matrices
+left in ``other``, structure-first roles on hand-built layouts of common libraries, and the
+``lowmem roles`` table. The real transformers / diffusers models are in tests/test_roles_hf.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from scripts.lightning_harness import digits, trainer
+from torch import nn
+
+from lowmem import strategies
+from lowmem.lightning_modules import ImageClassifier
+from lowmem.optim import Role, classify_parameters
+from lowmem.optim.roles import OVERRIDES_KEY, name_matches, unassigned_matrices, weight_decay_param_groups
+
+
+class BertLayerLike(nn.Module):
+    """The module tree of a BERT encoder layer (attention.self.query, attention.output.dense,
+    intermediate.dense, output.dense), as in transformers' BertLayer."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.attention = nn.ModuleDict({
+            "self": nn.ModuleDict({"query": nn.Linear(d, d), "key": nn.Linear(d, d), "value": nn.Linear(d, d)}),
+            "output": nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": nn.LayerNorm(d)}),
+        })  # fmt: skip
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, 4 * d)})
+        self.output = nn.ModuleDict({"dense": nn.Linear(4 * d, d), "LayerNorm": nn.LayerNorm(d)})
+
+
+class Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleDict({"mixer_a": nn.Linear(4, 4), "mixer_b": nn.Linear(4, 4)})
+        self.norm = nn.LayerNorm(4)
+
+
+def test_glob_is_read_per_name_component():
+    assert name_matches("encoder.layer.*.output.dense.weight", "encoder.layer.3.output.dense.weight")
+    assert not name_matches("encoder.layer.*.output.dense.weight", "encoder.layer.3.attention.output.dense.weight")
+    assert not name_matches("*.output.dense.weight", "a.b.output.dense.weight")  # fnmatch would match
+    assert name_matches("**.output.dense.weight", "encoder.layer.3.attention.output.dense.weight")
+    assert name_matches("**.output.dense.weight", "output.dense.weight")  # ** spans zero components too
+    assert name_matches("h.[01].w", "h.1.w") and not name_matches("h.[!01].w", "h.1.w")
+    assert not name_matches("h.?.w", "h.12.w") and name_matches("a.**", "a.b.c")
+
+
+def test_overrides_apply_per_component_and_win_over_lowmem_roles():
+    layer = BertLayerLike()
+    roles = {i.name: i.role for i in classify_parameters(layer, {"*.dense.weight": "other"})}
+    assert roles["output.dense.weight"] is Role.OTHER and roles["intermediate.dense.weight"] is Role.OTHER
+    assert roles["attention.output.dense.weight"] is Role.ATTN_OUT  # two components deep: not matched by `*`
+
+    class WithOwn(Custom):
+        def lowmem_roles(self):
+            return {"block.mixer_a.weight": "query", "block.*.weight": "key"}
+
+    roles = {i.name: i.role for i in classify_parameters(WithOwn(), {"block.mixer_a.weight": "value"})}
+    assert roles["block.mixer_a.weight"] is Role.VALUE  # the caller's override beats the model's own
+    assert roles["block.mixer_b.weight"] is Role.KEY
+
+
+def test_an_override_that_matches_nothing_is_a_one_line_error_with_the_closest_names():
+    encoder = nn.ModuleDict({"layer": nn.ModuleList([BertLayerLike()])})
+    with pytest.raises(ValueError) as err:
+        classify_parameters(encoder, {"*.output.dense.weight": "mlp_down"})
+    msg = str(err.value)
+    assert "\n" not in msg and OVERRIDES_KEY in msg and "'*.output.dense.weight'" in msg
+    assert "'**.output.dense.weight'" in msg  # the fnmatch reading is pointed out
+    assert "closest parameter names: " in msg and "layer.0.output.dense.weight" in msg
+    with pytest.raises(ValueError, match=r"pattern 'blok\.mixer_a\.weight' matches no parameter.*block\.mixer_a"):
+        classify_parameters(Custom(), {"blok.mixer_a.weight": "query"})
+
+    class BadOwn(Custom):
+        def lowmem_roles(self):
+            return {"nothing.here": "query"}
+
+    with pytest.raises(ValueError, match=r"BadOwn\.lowmem_roles\(\): pattern 'nothing\.here' matches no parameter"):
+        classify_parameters(BadOwn())
+
+
+def test_a_strategy_refuses_an_unmatched_override_as_a_config_error():
+    model = ImageClassifier(widths=[4, 8], optimizer=strategies.AdamW(role_overrides={"features.*.wieght": "conv"}))
+    from lowmem.lightning_modules import ConfigError
+
+    with pytest.raises(ConfigError, match=r"role_overrides.*'features\.\*\.wieght' matches no parameter"):
+        model.configure_optimizers()
+
+
+def test_frozen_parameters_count_as_matched():
+    m = Custom()
+    m.block["mixer_a"].requires_grad_(False)
+    infos = classify_parameters(m, {"block.mixer_a.weight": "query"})
+    assert "block.mixer_a.weight" not in {i.name for i in infos}
+
+
+class OddNames(ImageClassifier):
+    """An image classifier with a matrix the classifier cannot read."""
+
+    def __init__(self, **kw):
+        super().__init__(widths=[4, 8], **kw)
+        self.mystery = nn.Parameter(torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("name", ["SlimAdamW", "AdamW"])
+def test_fit_start_warns_once_about_matrices_in_other_for_role_driven_optimizers(name):
+    model = OddNames(optimizer=getattr(strategies, name)(lr=1e-3))
+    assert unassigned_matrices(model) == ["mystery"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1).fit(model, digits())
+    found = [str(w.message) for w in caught if "role 'other'" in str(w.message)]
+    if name == "AdamW":  # decay is the only thing a role changes for AdamW: nothing to warn about
+        assert found == []
+        return
+    assert len(found) == 1 and "\n" not in found[0]
+    assert "SlimAdamW" in found[0] and "1 matrix" in found[0] and "mystery" in found[0] and OVERRIDES_KEY in found[0]
+
+    model = OddNames(optimizer=strategies.SlimAdamW(lr=1e-3, role_overrides={"mystery": "mlp_up"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=1).fit(model, digits())
+    assert not [w for w in caught if "role 'other'" in str(w.message)]
+
+
+def test_weight_decay_groups_keep_their_order_and_names():
+    groups = weight_decay_param_groups(BertLayerLike(), 0.1)
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert [n for n, _ in groups[0]["params"]][0] == "attention.self.query.weight"
