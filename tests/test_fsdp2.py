@@ -174,6 +174,7 @@ def _worker(rank: int, tmp: str, case: str, without_collectives: bool) -> None:
         opt = make_opt(model)
         _train(model, opt, rank, WORLD)
         full = {name: p.full_tensor().detach() for name, p in model.named_parameters()}
+        torch.save(optim.state_bytes(opt)["state"], f"{tmp}/state_bytes_{rank}.pt")
         if rank == 0:
             torch.save({"params": full, "comm_bytes": opt.comm_bytes_per_step}, f"{tmp}/result.pt")
         dist.barrier()
@@ -202,15 +203,21 @@ def _run_sharded(tmp_path, case: str, without_collectives: bool = False) -> dict
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
-def _max_diff_to_one_process(case: str, sharded: dict[str, torch.Tensor]) -> float:
+def _one_process(case: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     make_model, make_opt, _ = CASES[case]
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPE.get(case, torch.float32))
     try:
         model = make_model()
-        _train(model, make_opt(model))
+        opt = make_opt(model)
+        _train(model, opt)
     finally:
         torch.set_default_dtype(default)
+    return model, opt
+
+
+def _max_diff_to_one_process(case: str, sharded: dict[str, torch.Tensor]) -> float:
+    model, _ = _one_process(case)
     return max(float((sharded[name] - p.detach()).abs().max()) for name, p in model.named_parameters())
 
 
@@ -220,6 +227,17 @@ def test_sharded_optimizer_matches_one_process(case, tmp_path):
     result = _run_sharded(tmp_path, case)
     assert _max_diff_to_one_process(case, result["params"]) < TOLERANCE.get(case, 1e-6)
     assert result["comm_bytes"] == CASES[case][2]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adapm", "adapm-mini", "ioadam", "adafactor"])
+def test_the_shard_plan_predicts_the_state_each_rank_holds(case, tmp_path):
+    """``sharded_state_bytes`` (what ``lowmem memory --ranks`` and the sharding benchmark report)
+    from the one-process optimizer equals the state bytes each FSDP2 rank really holds."""
+    _run_sharded(tmp_path, case)
+    held = [torch.load(tmp_path / f"state_bytes_{rank}.pt") for rank in range(WORLD)]
+    _, opt = _one_process(case)
+    assert [rank["state"] for rank in optim.sharded_state_bytes(opt, WORLD)] == held
 
 
 @pytest.mark.distributed

@@ -127,6 +127,11 @@ class Adafactor(torch.optim.Adafactor):
             denom = max(1.0, total**0.5 / (p.numel() ** 0.5 * group["d"]))
             p.to_local().add_(update, alpha=-alpha / denom)
 
+    def fsdp2_state_sharded(self, p: Tensor, key: str) -> bool | None:
+        """How FSDP2 places ``key`` of ``p`` (for :func:`~lowmem.optim.sharded_state_bytes`): the
+        column statistics of a matrix are whole on every rank, the rest follows the rows rule."""
+        return False if key == "col_var" and p.dim() == 2 else None
+
     def _all_reduce(self, t: Tensor, p: Tensor) -> Tensor:
         """``t`` summed over ``p``'s mesh, in place (float64: a sum of squares over millions of
         elements keeps the precision of torch's single-tensor norms)."""

@@ -155,6 +155,15 @@ class AdaPM(LowMemOptimizer):
             if group["second_moment"] == "mini":
                 check_block(p, group, "AdaPM-mini")
 
+    def fsdp2_state_sharded(self, p: torch.Tensor, key: str) -> bool | None:
+        """How FSDP2 places ``key`` of ``p`` (for :func:`~lowmem.optim.sharded_state_bytes`): ``R``
+        factors and the momentum of a q/k/v cut along dim 0 whole on every rank, the rest by rows."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        momentum_part = key.startswith("factor_") or key == "exp_avg_v"
+        if key.startswith("factor_R") or (momentum_part and group["momentum"] == "qkv" and group["fan_out_dim"] % p.ndim == 0):
+            return False
+        return None
+
     def _init_group(self, group: dict, params: list, grads: list, states: list) -> None:
         for p in group["params"]:
             if p.grad is None:

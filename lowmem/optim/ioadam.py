@@ -243,6 +243,11 @@ class IOAdam(LowMemOptimizer):
     def _owns(self, w: Tensor) -> bool:
         return w in self._io_group
 
+    def fsdp2_state_sharded(self, p: Tensor, key: str) -> bool | None:
+        """How FSDP2 places ``key`` of ``p`` (for :func:`~lowmem.optim.sharded_state_bytes`): the
+        per-input-feature statistics are whole on every rank, the rest follows the rows rule."""
+        return False if key == "in_stats" else None
+
     def _grad_stat_scale(self, exponent: float) -> float:
         """``world^-exponent``: a power sum of this rank's output gradients as a part of the global
         batch's (the averaged gradient's output gradients are ``dY / world``); 1 in one process."""

@@ -82,7 +82,9 @@ def sharded_state_bytes(optimizer: Optimizer, world_size: int) -> list[dict[str,
     ``world_size`` ranks, computed from this (unsharded) optimizer and the shard plan: parameters,
     grads, grad buffers and every state tensor whose dim 0 is the parameter's are split by rows
     (:func:`fsdp2_rows`); other state (per-tensor, per-column or per-head values, step counts)
-    is replicated on every rank, as lowmem's FSDP2 optimizers hold it."""
+    is replicated on every rank, as lowmem's FSDP2 optimizers hold it. An optimizer whose state
+    breaks that rule (IO-Adam's per-input-feature statistics of a square weight) says so through
+    a method ``fsdp2_state_sharded(param, key) -> bool | None`` (None: the rule above)."""
     per_rank = [dict.fromkeys(("params", "grads", "state", "grad_buffers"), 0) for _ in range(world_size)]
     folds = getattr(getattr(optimizer, "capabilities", None), "folds_momentum_into_grad", False)
     seen: set[int] = set()
@@ -94,10 +96,14 @@ def sharded_state_bytes(optimizer: Optimizer, world_size: int) -> list[dict[str,
         n = p.shape[0] if p.ndim else 1
         tensors = {"params": [p], "grads": [p.grad] if p.grad is not None else [], "grad_buffers": [p] if folds else []}
         tensors["state"] = [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        declared = getattr(optimizer, "fsdp2_state_sharded", lambda param, key: None)
+        state_keys = {id(v): k for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
         for key, group in tensors.items():
             for t in group:
                 size = t.numel() * t.element_size()
                 split = p.ndim > 0 and t.ndim > 0 and t.shape[0] == n
+                if key == "state" and (choice := declared(p, state_keys[id(t)])) is not None:
+                    split = choice
                 for r in range(world_size):
                     per_rank[r][key] += size * rows[r] // n if split else size
     for sizes in per_rank:

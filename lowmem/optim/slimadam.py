@@ -180,6 +180,12 @@ class SlimAdamW(LowMemOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
 
+    def fsdp2_state_sharded(self, p: Tensor, key: str) -> bool | None:
+        """How FSDP2 places ``key`` of ``p`` (for :func:`~lowmem.optim.sharded_state_bytes`): a ``v``
+        averaged over dim 0 is whole on every rank (also when ``p`` has a single row)."""
+        dims = next(g for g in self.param_groups if any(q is p for q in g["params"]))["compress_dims"]
+        return False if key == "exp_avg_sq" and dims and p.ndim and 0 in {d % p.ndim for d in dims} else None
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; returns the closure's loss (if a closure is given)."""
