@@ -11,7 +11,14 @@ Each run is ``configs/<family>_<optimizer>.yaml`` through ``LowMemCLI`` with
 ``--trainer.max_steps=N --trainer.max_epochs=-1 --seed_everything=S`` (diffusion also seeds its
 noise generator with S), then ``trainer.validate`` on the validation set for the final loss.
 Variants beyond the configs: HMAdamW's variance corrections ``stationary`` and ``none`` (the
-config uses ``noise``), AdamS with beta2 0.999 (the config uses 0.95).
+config uses ``noise``), AdamS with beta2 0.999 (the config uses 0.95), and SlimAdamW with the
+rules ``lowmem snr`` measured on the family's AdamW config (``configs/rules/<family>_snr.json``,
+docs/snr.md) beside SlimAdamW's role-table default.
+
+A variant *matches AdamW* when its mean final validation loss is at most AdamW's mean plus the
+tolerance ``max(2 * s_AdamW, 1% of AdamW's mean)``: within twice the standard deviation of
+AdamW's own final losses over the seeds (how far another AdamW seed may land), and at least 1% (a
+single seed has no spread). Lower losses match; a variant's own spread widens nothing.
 Runs go to ``--jobs`` worker processes with one intra-op thread each (small models run faster
 that way than with two threads per run).
 """
@@ -43,6 +50,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "adams": ("AdamS (b2 0.95)", "adams", []),
     "adams-b2-0.999": ("AdamS (b2 0.999)", "adams", [f"{_OPT}.betas=[0.9, 0.999]"]),
     "slimadamw": ("SlimAdamW", "slimadamw", []),
+    "slimadamw-snr": ("SlimAdamW (SNR rules)", "slimadamw", []),
     "adapm": ("AdaPM", "adapm", []),
     "adammini": ("Adam-mini", "adammini", []),
     "ioadam": ("IO-Adam", "ioadam", []),
@@ -51,6 +59,13 @@ DEFAULT_STEPS = {"cnn": 152, "lm": 300, "diffusion": 190}  # the configs' own le
 _FAMILY_OVERRIDES = {
     "diffusion": lambda seed: ["--model.init_args.sample_every_n_epochs=0", f"--model.init_args.seed={seed}"],
 }
+# Overrides of a variant that depend on the family: the SNR rules file measured on its AdamW config,
+# written by `lowmem snr --config configs/<family>_adamw.yaml` (the commands are in docs/snr.md).
+SNR_RULES = CONFIGS / "rules"
+_VARIANT_FAMILY_OVERRIDES = {
+    "slimadamw-snr": lambda family: [f"{_OPT}.rules={SNR_RULES / f'{family}_snr.json'}"],
+}
+MATCH_REL = 0.01  # the tolerance's floor, relative to AdamW's mean final validation loss (see the docstring)
 
 
 def _recorder() -> Any:
@@ -77,6 +92,8 @@ def _recorder() -> Any:
 def run_one(family: str, variant: str, seed: int, steps: int, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Train one (family, variant, seed) for ``steps`` optimizer steps; losses and wall time."""
     _, config, overrides = VARIANTS[variant]
+    by_family = _VARIANT_FAMILY_OVERRIDES.get(variant)
+    overrides = [*overrides, *(by_family(family) if by_family else [])]
     start = time.perf_counter()
     family_overrides = _FAMILY_OVERRIDES[family](seed) if family in _FAMILY_OVERRIDES else []
     args = [f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", f"--seed_everything={seed}",
@@ -128,6 +145,13 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
+def match_tolerance(base: list[float]) -> float:
+    """How far above AdamW's mean final loss (``base``: one loss per seed) a variant's mean may lie
+    and still match AdamW: ``max(2 * std(base), MATCH_REL * mean(base))`` (the module docstring)."""
+    spread = statistics.stdev(base) if len(base) > 1 else 0.0
+    return max(2 * spread, MATCH_REL * statistics.fmean(base))
+
+
 def family_table(runs: list[dict], steps: int) -> str:
     by_variant: dict[str, list[dict]] = {}
     for r in runs:
@@ -146,9 +170,14 @@ def family_table(runs: list[dict], steps: int) -> str:
             hit = next((s for s, v in zip(train_steps, smooth) if v <= base_train), None)
             reach = f"{hit / steps:.0%}" if hit is not None else "not reached"
         delta = f"{statistics.fmean(vals) - base_val:+.4f}" if base_val is not None else "n/a"
-        table.append([VARIANTS[variant][0], _fmt(vals), delta, f"{smooth[-1]:.4f}", reach,
+        match = "n/a"
+        if base is not None and variant != "adamw":
+            tolerance = match_tolerance([r["final_val"] for r in base])
+            match = f"{'yes' if statistics.fmean(vals) - base_val <= tolerance else 'no'} (≤ +{tolerance:.4f})"
+        table.append([VARIANTS[variant][0], _fmt(vals), delta, match, f"{smooth[-1]:.4f}", reach,
                       f"{statistics.fmean(r['seconds'] for r in group):.0f}"])  # fmt: skip
     headers = ["optimizer", f"final val loss (mean ± std, {len(group)} seeds)", "Δ vs AdamW",
+               "matches AdamW (Δ ≤ tolerance)",
                f"final train loss (mean of last {window} steps)", "reaches AdamW's final train loss at",
                "s per run"]  # fmt: skip
     return markdown_table(headers, table)
@@ -166,7 +195,7 @@ def plot_family(family: str, runs: list[dict], steps: int, path: Path) -> None:
     for i, variant in enumerate(v for v in VARIANTS if any(r["variant"] == v for r in runs)):
         group = [r for r in runs if r["variant"] == variant]
         style = {"color": colors(i % 10), "label": VARIANTS[variant][0],
-                 "linestyle": "--" if variant.startswith(("hmadamw-", "adams-")) else "-"}  # fmt: skip
+                 "linestyle": "--" if variant.startswith(("hmadamw-", "adams-", "slimadamw-")) else "-"}  # fmt: skip
         s, v = mean_curve(group)
         ax_train.plot(s, _smooth(v, window), **style)
         s, v = mean_curve(group, "val")
@@ -239,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     budgets = ", ".join(f"{f} {args.budgets[f]}" for f in args.families)
     parts = [section_header("benchmarks.quality", argv),
              f"Seeds {args.seeds}; {len(jobs)} runs in {total / 60:.1f} min with {args.jobs} worker process(es). "
-             f"Budgets (optimizer steps): {budgets}.\n"]  # fmt: skip
+             f"Budgets (optimizer steps): {budgets}. A variant matches AdamW when Δ ≤ the larger of twice the "
+             f"standard deviation of AdamW's final val losses over the seeds and {MATCH_REL:.0%} of their mean.\n"]  # fmt: skip
     for family in args.families:
         runs = [r for r in results if r["family"] == family]
         figure = args.out / "figures" / f"quality_{family}.png"

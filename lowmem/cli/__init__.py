@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "memory": "params/grads/optimizer state of a config vs AdamW, no training (--ranks N: per FSDP2 rank)",
     "compare": "train several configs, one figure and table of loss and memory",
     "data": "prepare your own images or text files as a streaming dataset (lowmem data prepare --help)",
+    "snr": "train with AdamW, SNR of Adam's v per layer: SlimAdamW rules JSON, table, figures",
 }
 
 HELP = "\n".join([

@@ -40,6 +40,7 @@ import lowmem.lightning_modules  # noqa: F401  (registers short class names for 
 from lowmem.cli.compare import compare_main
 from lowmem.cli.config_files import expand_config_bases
 from lowmem.cli.memory import format_memory_table, memory_report
+from lowmem.cli.trainer_checks import check_trainer_config
 from lowmem.lightning_modules.base import LowMemModule
 from lowmem.lightning_modules.errors import ConfigError, lightning_config_error, user_code_error
 from lowmem.lightning_modules.callbacks import MemoryMonitor
@@ -144,6 +145,7 @@ class LowMemCLI(LightningCLI):
         what the command line itself sets for it.
         """
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_trainer_config(config.get("trainer") or {})
         optimizer = _get(config, "model.init_args.optimizer")
         explicit = _optimizer_keys_on_command_line(self._argv)
         if explicit is None or not isinstance(getattr(optimizer, "init_args", None), dict | Namespace):
@@ -244,6 +246,8 @@ class LowMemCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             if (original := user_code_error(err)) is not None:
                 raise original
+            if (own := _config_error_in(err)) is not None:  # already one line naming the key
+                raise own from None
             raise ConfigError(f"could not build the configured classes: {condense_parser_error(str(err))}") from err
 
     def before_validate(self) -> None:
@@ -359,6 +363,17 @@ def _signature_defaults(class_path: str) -> dict[str, Any]:
     module, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
+def _config_error_in(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` a constructor raised, if ``err`` is it or wraps it (jsonargparse re-raises)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _plain(value: Any) -> Any:

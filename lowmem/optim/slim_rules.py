@@ -22,7 +22,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -32,7 +32,11 @@ from lowmem.optim.roles import ParamRole, Role, classify_parameters
 
 __all__ = [
     "ROLE_RULES",
+    "candidate_dims",
+    "choose_rule",
+    "effective_dims",
     "load_slim_rules",
+    "never_compressed",
     "save_slim_rules",
     "slimadam_param_groups",
     "snr",
@@ -175,6 +179,10 @@ def snr_snapshot_due(step: int) -> bool:
 def snr(v: Tensor, dims: tuple[int, ...]) -> float:
     """``SNR_K(V) = mean over the other dims of (mean_K V)^2 / var_K V`` (population variance).
 
+    ``V`` is Adam's second moment (units of gradient squared), so ``SNR_K`` is dimensionless and
+    unchanged by any scalar factor, bias correction included. ``SNR_K > 1`` means the slices along
+    ``K`` vary less (standard deviation) than their mean: replacing them by their mean loses little.
+
     Slices with zero mean and zero variance (``v`` never updated there) carry no information and are
     left out; a slice with zero variance and a non-zero mean is perfectly compressible and counts
     as ``inf``. (The reference code drops both kinds of non-finite values.) Returns ``nan`` if no
@@ -188,9 +196,27 @@ def snr(v: Tensor, dims: tuple[int, ...]) -> float:
     return ratio[keep].mean().item() if keep.any() else math.nan
 
 
-def _mean_snr(snapshots: Iterable[Tensor], ndim: int) -> dict[tuple[int, ...], float]:
-    """Mean :func:`snr` over the snapshots for every non-empty K, streaming (one snapshot at a time)."""
-    candidates = [k for r in range(1, ndim + 1) for k in itertools.combinations(range(ndim), r)]
+def candidate_dims(shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty set ``K`` of the dims of size > 1 of a tensor of ``shape``, smallest first.
+
+    ``2**n - 1`` candidates for ``n`` dims of size > 1: ``(0,)`` for a 1-D tensor (one ``v`` for
+    the whole tensor); ``(0,), (1,), (0, 1)`` for a matrix; 15 for a 2-D conv kernel, among them
+    its fan-in ``(1, 2, 3)``, its fan-out ``(0,)`` and the kernel window alone ``(2, 3)``. A dim of
+    size 1 is left out: averaging over it changes nothing (and its zero variance would read as
+    ``SNR = inf``), so ``K`` with it is the same compression as ``K`` without it.
+    """
+    dims = [d for d, n in enumerate(shape) if n > 1]
+    return [k for r in range(1, len(dims) + 1) for k in itertools.combinations(dims, r)]
+
+
+def effective_dims(dims: Iterable[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """``dims`` sorted, without those of size 1 in ``shape`` (the same compression)."""
+    return tuple(sorted(d for d in dims if shape[d] > 1))
+
+
+def _mean_snr(snapshots: Iterable[Tensor], shape: Sequence[int]) -> dict[tuple[int, ...], float]:
+    """Mean :func:`snr` over the snapshots for every candidate K, streaming (one snapshot at a time)."""
+    candidates = candidate_dims(shape)
     sums, counts = dict.fromkeys(candidates, 0.0), dict.fromkeys(candidates, 0)
     for v in snapshots:
         for k in candidates:
@@ -201,6 +227,30 @@ def _mean_snr(snapshots: Iterable[Tensor], ndim: int) -> dict[tuple[int, ...], f
     return {k: sums[k] / counts[k] if counts[k] else math.nan for k in candidates}
 
 
+def never_compressed(info: ParamRole) -> bool:
+    """Norms, biases and 0-D parameters keep a full ``v`` whatever their SNR."""
+    return info.role in (Role.NORM, Role.BIAS) or info.param.ndim == 0
+
+
+def choose_rule(info: ParamRole, scores: Mapping[tuple[int, ...], float], cutoff: float = 1.0) -> Rule:
+    """The rule for one parameter from its mean SNR per candidate ``K`` (``{K: mean SNR}``).
+
+    The ``K`` with the largest mean SNR above ``cutoff`` (ties, e.g. two ``inf``: the larger ``K``),
+    else ``None``; ``None`` for :func:`never_compressed` parameters. A ``K`` equal to the
+    parameter's fan-in or fan-out dims (size-1 dims aside) is named ``"fan_in"``/``"fan_out"``,
+    others stay dim lists.
+    """
+    if never_compressed(info):
+        return None
+    passing = {k: s for k, s in scores.items() if s > cutoff}  # nan never passes
+    if not passing:
+        return None
+    best = max(passing, key=lambda k: (passing[k], len(k)))
+    shape = tuple(info.param.shape)
+    named = {effective_dims(info.fan_out_dims, shape): "fan_out", effective_dims(info.fan_in_dims, shape): "fan_in"}
+    return named.get(best, list(best))
+
+
 def snr_rules(
     model: nn.Module,
     v_snapshots: Mapping[str, Iterable[Tensor]] | Callable[[str], Iterable[Tensor]],
@@ -209,9 +259,9 @@ def snr_rules(
 ) -> dict[str, Rule]:
     """Derive per-parameter SlimAdam rules from snapshots of Adam's second moment (docs/algorithms.md §3).
 
-    For each parameter and every non-empty set of dims ``K``, average :func:`snr` over its
-    snapshots (skipping ``nan`` values); pick the ``K`` with the largest mean SNR among those
-    above ``cutoff`` (ties: the larger ``K``), else no compression. Take the snapshots of
+    For each parameter and every candidate set of dims ``K`` (:func:`candidate_dims`), average
+    :func:`snr` over its snapshots (skipping ``nan`` values); pick the rule with
+    :func:`choose_rule` (the largest mean SNR above ``cutoff``, else no compression). Take the snapshots of
     ``exp_avg_sq`` from an AdamW (or uncompressed SlimAdamW) run at the steps where
     :func:`snr_snapshot_due` is true. Norms and biases always get ``None``.
 
@@ -231,15 +281,6 @@ def snr_rules(
     for info in classify_parameters(model, overrides):
         if not callable(v_snapshots) and info.name not in v_snapshots:
             continue  # not measured: the role table decides
-        if info.role in (Role.NORM, Role.BIAS) or info.param.ndim == 0:
-            rules[info.name] = None
-            continue
-        scores = _mean_snr(get(info.name), info.param.ndim)
-        passing = {k: s for k, s in scores.items() if s > cutoff}  # nan never passes
-        if not passing:
-            rules[info.name] = None
-            continue
-        best = max(passing, key=lambda k: (passing[k], len(k)))  # ties (e.g. two inf): compress more
-        named = {tuple(sorted(info.fan_in_dims)): "fan_in", tuple(sorted(info.fan_out_dims)): "fan_out"}
-        rules[info.name] = named.get(best, list(best))
+        scores = {} if never_compressed(info) else _mean_snr(get(info.name), tuple(info.param.shape))
+        rules[info.name] = choose_rule(info, scores, cutoff)
     return rules
