@@ -253,3 +253,32 @@ def test_command_line_gives_one_error_line_and_exit_code_2(args, expected, in_tm
     assert len(error_lines) == 1 and expected in error_lines[0], err
     assert "Traceback" not in err, err
     assert not list(in_tmp.glob("**/*.ckpt"))  # refused before any training
+
+
+TRAINER_CASES = {  # Lightning would divide by zero mid-fit, or take the value silently
+    "val_check_interval=0": "trainer.val_check_interval=0: must be an int >= 1",
+    "val_check_interval=0.0": "trainer.val_check_interval=0.0: a float is a fraction of an epoch and must be in (0, 1]",
+    "accumulate_grad_batches=0": "trainer.accumulate_grad_batches=0: must be an int >= 1",
+    "check_val_every_n_epoch=0": "trainer.check_val_every_n_epoch=0: must be an int >= 1",
+    "log_every_n_steps=-1": "trainer.log_every_n_steps=-1: must be an int >= 1",
+    "num_sanity_val_steps=-5": "trainer.num_sanity_val_steps=-5: must be an int >= 0",
+}
+
+
+@pytest.mark.parametrize("setting", list(TRAINER_CASES))
+def test_trainer_settings_lightning_does_not_check_are_one_line(setting, in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", _config("cnn"), f"--trainer.{setting}", "--trainer.max_steps=1",
+              "--trainer.logger=false"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("lowmem: error:")]
+    assert len(error_lines) == 1 and error_lines[0].startswith("lowmem: error: " + TRAINER_CASES[setting]), err
+
+
+def test_a_constructor_error_line_starts_with_the_key(in_tmp, capsys):
+    """No wrapper text in front of the key a user has to find in the config."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", _config("lm"), "--model.init_args.n_head=3", "--trainer.max_steps=1"])
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lowmem: error:")]
+    assert error_lines == [error_lines[0]] and error_lines[0].startswith("lowmem: error: model.init_args.n_head=3:")
