@@ -110,6 +110,20 @@ class LowMemTrainer(Trainer):
             )
         print(format_memory_table(memory_report(model, datamodule, ranks)))
 
+    def snr(self, model: LightningModule, datamodule: LightningDataModule, steps: int | None = None,
+            cutoff: float = 1.0, out: str | None = None, layers: int = 4) -> None:  # fmt: skip
+        """Train with AdamW, measure the SNR of Adam's v per layer, write SlimAdamW rules, table, figures (docs/snr.md).
+
+        Args:
+            steps: optimizer steps of the AdamW run (default: the config's own length).
+            cutoff: minimum mean SNR for compressing along a set of dims (the paper's 1.0).
+            out: output folder (default: the run's log dir, or snr/ without a logger).
+            layers: parameters drawn in snr_over_steps.png.
+        """
+        from lowmem.cli.snr import snr_command
+
+        snr_command(self, model, datamodule, steps=steps, cutoff=cutoff, out=out, layers=layers)
+
 
 class LowMemCLI(LightningCLI):
     """LightningCLI with lowmem's conventions; ``LOWMEM_*`` environment variables override keys."""
@@ -134,7 +148,7 @@ class LowMemCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}, "snr": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         """An optimizer class named on the command line starts from its own defaults.
