@@ -32,6 +32,32 @@ class Mlp(nn.Module):
         return self.net(x)
 
 
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D written out (GPT-2's layer): ``X W + b`` with ``W`` stored (n_in, n_out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class Conv1DMlp(nn.Module):
+    """Conv1D weights (7, 5) (uneven rows: dim 0 is n_in, so C is the sharded statistic), (5, 1)
+    and (1, 1) (one row: smaller than the world)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(Conv1D(5, 7), nn.Tanh(), Conv1D(1, 5), nn.Tanh(), Conv1D(1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class Blocks(nn.Module):
     """One parameter per Adam-mini block kind, each used in the output."""
 
@@ -134,6 +160,7 @@ CASES = {  # name -> (model, optimizer, bytes one step sends)
     # float64 sums: [sum W^2] x 4, [sum row_var, 6 column sums] for the 2-D weight; then [sum u^2] x 4.
     # IO-Adam owns the 3 Linear weights: per step the (n_out + n_in) averaged statistics of each.
     "ioadam": (Mlp, lambda m: optim.IOAdam(m, lr=1e-2, buffer_size=3), 4 * ((5 + 7) + (3 + 5) + (1 + 3))),
+    "ioadam-conv1d": (Conv1DMlp, lambda m: optim.IOAdam(m, lr=1e-2, buffer_size=3), 4 * ((5 + 7) + (1 + 5) + (1 + 1))),
     "adapm": (Momenta, _adapm(mini=False), ADAPM_BYTES),
     "adapm-mini": (Momenta, _adapm(mini=True), ADAPM_MINI_BYTES),
     "adapm-float64": (Momenta, _adapm(mini=False), 2 * ADAPM_BYTES),  # the factors follow the param dtype
@@ -230,7 +257,8 @@ def test_sharded_optimizer_matches_one_process(case, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adapm", "adapm-mini", "ioadam", "adafactor"])
+@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adapm", "adapm-mini", "ioadam", "ioadam-conv1d",
+                                  "adafactor"])  # fmt: skip
 def test_the_shard_plan_predicts_the_state_each_rank_holds(case, tmp_path):
     """``sharded_state_bytes`` (what ``lowmem memory --ranks`` and the sharding benchmark report)
     from the one-process optimizer equals the state bytes each FSDP2 rank really holds."""
@@ -241,7 +269,8 @@ def test_the_shard_plan_predicts_the_state_each_rank_holds(case, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adafactor", "ioadam", "adapm"])
+@pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adafactor", "ioadam", "ioadam-conv1d",
+                                  "adapm"])  # fmt: skip
 def test_negative_control_without_the_collectives_the_result_is_wrong(case, tmp_path):
     result = _run_sharded(tmp_path, case, without_collectives=True)
     assert _max_diff_to_one_process(case, result["params"]) > 1e-3

@@ -1,7 +1,7 @@
 """Capture of IO-Adam's statistics: which weights qualify, the hooks, and the fused linear.
 
-IO-Adam (``lowmem.optim.ioadam``) needs, per step and per Linear weight ``W`` (n_out x n_in),
-the per-feature power sums of the layer input ``X`` and of the output gradient ``dY`` over all
+IO-Adam (``lowmem.optim.ioadam``) needs, per step and per Linear weight ``W`` (n_out x n_in;
+a Hugging Face ``Conv1D``, which computes ``X W + b``, stores it as n_in x n_out), the per-feature power sums of the layer input ``X`` and of the output gradient ``dY`` over all
 tokens (every leading dimension of ``X``/``dY`` counts as tokens)::
 
     in_sum[j]  = sum_tokens |X[:, j]|^p      (n_in vector)
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["StatsHooks", "io_weights", "power_sum"]
+__all__ = ["StatsHooks", "io_weights", "is_hf_conv1d", "power_sum", "transposed_layout"]
 
 
 def tokens_by_features(t: Tensor) -> Tensor:
@@ -74,13 +74,38 @@ def _plain_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """Whether ``m`` is a Hugging Face ``Conv1D`` (GPT-2's linear layer: ``X W + b`` with ``W`` of
+    shape (n_in, n_out) = ``(nx, nf)``), recognised without importing transformers: the class is
+    named ``Conv1D``, defines its own ``forward``, and holds a 2-D ``weight`` whose dim 1 is ``nf``
+    (and a bias of ``nf`` entries, if any). Subclasses (other names) are not trusted, as for Linear."""
+    if type(m).__name__ != "Conv1D" or "forward" not in type(m).__dict__:
+        return False
+    weight, bias, nf = getattr(m, "weight", None), getattr(m, "bias", None), getattr(m, "nf", None)
+    return (
+        isinstance(weight, Tensor) and weight.ndim == 2 and isinstance(nf, int) and weight.shape[1] == nf
+        and (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (nf,)))
+    )  # fmt: skip
+
+
+def _linear_like(m: nn.Module) -> bool:
+    return _plain_linear(m) or is_hf_conv1d(m)
+
+
+def transposed_layout(modules: list[nn.Module]) -> bool:
+    """Whether the weight these (linear-like) users share is stored (n_in, n_out): HF ``Conv1D``."""
+    return any(is_hf_conv1d(m) for m in modules)
+
+
 def io_weights(model: nn.Module) -> tuple[dict[int, list[nn.Linear]], dict[int, list[nn.Embedding]]]:
     """The weights IO-Adam can own, keyed by ``id(param)``: Linear users and Embedding users.
 
-    A trainable 2-D parameter qualifies when at least one plain ``nn.Linear`` uses it as its
-    weight and *every* module that registers it is such a Linear or a dense, unscaled
+    A trainable 2-D parameter qualifies when at least one plain ``nn.Linear`` (or Hugging Face
+    ``Conv1D``, see :func:`is_hf_conv1d`) uses it as its weight and *every* module that registers
+    it is such a layer of the same layout or, for Linear weights, a dense, unscaled
     ``nn.Embedding``: any other user could touch the weight without the hooks seeing it, and its
-    gradient would then lack the matching statistics. The Linear layers inside
+    gradient would then lack the matching statistics. (A ``Conv1D`` weight tied to an embedding
+    would put the vocabulary on its input side: such a weight is left to AdamW.) The Linear layers inside
     ``nn.MultiheadAttention`` are excluded: the attention calls ``F.linear`` on ``out_proj.weight``
     itself, never ``out_proj.forward``.
     """
@@ -96,9 +121,12 @@ def io_weights(model: nn.Module) -> tuple[dict[int, list[nn.Linear]], dict[int, 
         param = params[pid]
         if not param.requires_grad or param.ndim != 2 or isinstance(param, nn.parameter.UninitializedParameter):
             continue
-        lin = [m for m in mods if _plain_linear(m) and m.weight is param and id(m) not in in_mha]
+        lin = [m for m in mods if _linear_like(m) and m.weight is param and id(m) not in in_mha]
         emb = [m for m in mods if isinstance(m, nn.Embedding) and m.weight is param and not m.sparse
                and not m.scale_grad_by_freq]  # fmt: skip
+        conv1d = [m for m in lin if is_hf_conv1d(m)]
+        if conv1d and (len(conv1d) != len(lin) or emb):
+            continue  # mixed layouts
         if lin and len(lin) + len(emb) == len(mods):
             linears[pid], embeddings[pid] = lin, emb
     return linears, {k: v for k, v in embeddings.items() if v}
@@ -231,6 +259,8 @@ def _fused_sink(ref: _OptRef, param: Tensor, x2d: Tensor, dy2d: Tensor) -> None:
 
 def _fused_forward(ref: _OptRef, param: Tensor, module: nn.Linear, input: Tensor) -> Tensor:
     weight, bias = module.weight, module.bias
+    if is_hf_conv1d(module):  # X W + b = F.linear(X, W^T, b); the sink gets X and dY either way
+        weight = weight.t()
     if not torch.is_grad_enabled() or not weight.requires_grad or _owner(ref, param) is None:
         return F.linear(input, weight, bias)
     sink = partial(_fused_sink, ref, param)

@@ -34,6 +34,10 @@ each rank's ``dY / w``: every rank stages ``w^-q sum |dY|^q`` (``w^-p`` for an e
 ``dE``) and ``step()`` all-reduces the *sums*, so ``R`` and ``C`` are exactly the statistics one
 process would gather from the global batch.
 
+A Hugging Face ``Conv1D`` (GPT-2's layers: ``Y = X W + b``, ``W`` stored n_in x n_out) is owned
+as a Linear is: its statistics are the same two vectors, and ``M``, ``D`` and the update are kept
+in the weight's own (transposed) layout, ``D = (sum_k C_k^(2/p) (x) R_k^(2/q))^(1/2)``.
+
 Everything not owned by IO-Adam (biases, norms, embeddings, convolutions, Linear weights used
 elsewhere) follows AdamW in the same optimizer. See ``lowmem.optim._io_stats`` for how the
 statistics are captured.
@@ -52,7 +56,7 @@ from torch import Tensor, nn
 from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, check_grad, check_hparams, check_non_negative, state_dtype_for,
 )  # fmt: skip
-from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum
+from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum, transposed_layout
 from lowmem.optim._sharding import check_fsdp_layout, is_sharded, local_rows, state_like
 from lowmem.optim.roles import weight_decay_param_groups
 
@@ -85,8 +89,9 @@ class IOAdam(LowMemOptimizer):
     the buffer grows (a sum of b partially filled slots under one root), so retune lr when you
     change ``buffer_size``; ``"per_slot"`` (sum of per-slot roots) keeps the scale of ``b = 1``.
 
-    Which weights: a 2-D trainable parameter that a plain ``nn.Linear`` uses as its weight and
-    that no other module registers, except dense ``nn.Embedding`` layers tied to it (their
+    Which weights: a 2-D trainable parameter that a plain ``nn.Linear`` or a Hugging Face
+    ``Conv1D`` (GPT-2; state kept in its (n_in, n_out) layout) uses as its weight and that no
+    other module registers, except dense ``nn.Embedding`` layers tied to a Linear weight (their
     gradient is an outer-product sum too, see ``_io_stats``). Linear layers inside
     ``nn.MultiheadAttention`` and Linear subclasses with their own ``forward`` get AdamW. A weight
     used by code that bypasses the module (``F.linear(x, lin.weight)``) gets a gradient without
@@ -185,6 +190,8 @@ class IOAdam(LowMemOptimizer):
         self._fused = bool(fused)
         self._reset_transient()
         params = {id(w): w for g in self.param_groups if g["io"] for w in g["params"]}
+        # Weights stored (n_in, n_out) (HF Conv1D): R and C keep their meaning, W's dim 0 is C's.
+        self._transposed = {w for pid, w in params.items() if transposed_layout(linears[pid])}
         self._hooks: StatsHooks | None = StatsHooks(self, linears, embeddings, params, self._fused)
         weakref.finalize(self, self._hooks.remove)
 
@@ -202,6 +209,7 @@ class IOAdam(LowMemOptimizer):
         super().__setstate__(state)
         if "_hooks" not in self.__dict__:
             self._fused, self._hooks = False, None
+        self.__dict__.setdefault("_transposed", set())
         self._reset_transient()
 
     # -- the public extras ---------------------------------------------------------------------
@@ -246,7 +254,7 @@ class IOAdam(LowMemOptimizer):
     def fsdp2_state_sharded(self, p: Tensor, key: str) -> bool | None:
         """How FSDP2 places ``key`` of ``p`` (for :func:`~lowmem.optim.sharded_state_bytes`): the
         per-input-feature statistics are whole on every rank, the rest follows the rows rule."""
-        return False if key == "in_stats" else None
+        return False if key == ("out_stats" if p in self._transposed else "in_stats") else None
 
     def _grad_stat_scale(self, exponent: float) -> float:
         """``world^-exponent``: a power sum of this rank's output gradients as a part of the global
@@ -281,24 +289,33 @@ class IOAdam(LowMemOptimizer):
         if w not in self._momentum_ready:  # M = b1 M + (1-b1) G, G arriving in parts
             exp_avg.mul_(beta1)
             self._momentum_ready.add(w)
-        exp_avg.addmm_(dy2d.t().to(exp_avg.dtype), x2d.to(exp_avg.dtype), alpha=1.0 - beta1)
+        x, dy = x2d.to(exp_avg.dtype), dy2d.to(exp_avg.dtype)
+        if w in self._transposed:  # G = X^T dY, (n_in, n_out)
+            exp_avg.addmm_(x.t(), dy, alpha=1.0 - beta1)
+        else:  # G = dY^T X, (n_out, n_in)
+            exp_avg.addmm_(dy.t(), x, alpha=1.0 - beta1)
 
     # -- the step ------------------------------------------------------------------------------
 
+    def _io_sizes(self, w: Tensor) -> tuple[int, int]:
+        """``(n_out, n_in)`` of an IO-Adam weight, whatever its layout."""
+        return (w.shape[1], w.shape[0]) if w in self._transposed else (w.shape[0], w.shape[1])
+
     def _init_io_state(self, w: Tensor, group: dict[str, Any]) -> None:
         dtype, b = self._state_dtype(w), group["buffer_size"]
+        (n_out, n_in), transposed = self._io_sizes(w), w in self._transposed
         state = self.state[w]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["slot"] = 0
-        if is_sharded(w):  # M and R by rows like W; C (one value per input feature) whole on every rank
+        if is_sharded(w):  # M and the statistic of W's dim 0 (R; C for a Conv1D) by rows like W; the other whole
             check_fsdp_layout(w, "IOAdam")
             state["exp_avg"] = state_like(w, tuple(w.shape), dtype, sharded_rows=True)
-            state["out_stats"] = state_like(w, (w.shape[0], b), dtype, sharded_rows=True)
-            state["in_stats"] = state_like(w, (w.shape[1], b), dtype, sharded_rows=False)
+            state["out_stats"] = state_like(w, (n_out, b), dtype, sharded_rows=not transposed)
+            state["in_stats"] = state_like(w, (n_in, b), dtype, sharded_rows=transposed)
             return
         state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
-        state["out_stats"] = torch.zeros(w.shape[0], b, dtype=dtype, device=w.device)
-        state["in_stats"] = torch.zeros(w.shape[1], b, dtype=dtype, device=w.device)
+        state["out_stats"] = torch.zeros(n_out, b, dtype=dtype, device=w.device)
+        state["in_stats"] = torch.zeros(n_in, b, dtype=dtype, device=w.device)
 
     def _all_reduce_statistics(self) -> None:
         """Sum this step's staged sums over the DDP/FSDP2 ranks (one all-reduce per dtype/device)."""
@@ -310,7 +327,7 @@ class IOAdam(LowMemOptimizer):
             for w in g["params"] if g["io"] else ():
                 buckets.setdefault((self._state_dtype(w), w.device), []).append(w)
         for (dtype, device), weights in buckets.items():
-            sizes = [n for w in weights for n in w.shape]  # n_out, n_in per weight: R's and C's sums
+            sizes = [n for w in weights for n in self._io_sizes(w)]  # n_out, n_in per weight: R's and C's sums
             flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
             parts = flat.split(sizes)
             for i, w in enumerate(weights):
@@ -324,8 +341,8 @@ class IOAdam(LowMemOptimizer):
     def _init_io_group(self, group: dict[str, Any]) -> tuple[list, ...]:
         """The weights of an IO group that step now (first list) and the arguments of ``io_adam``
         for them (local shards under FSDP2)."""
-        lists: tuple[list, ...] = tuple([] for _ in range(11))
-        owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = lists
+        lists: tuple[list, ...] = tuple([] for _ in range(12))
+        owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = lists
         for i, w in enumerate(group["params"]):
             fused_part = w in self._momentum_ready
             if w.grad is None and not fused_part:
@@ -335,9 +352,12 @@ class IOAdam(LowMemOptimizer):
             if not state:
                 self._init_io_state(w, group)
             staged = self._staged.get(w)
-            if is_sharded(w):  # the local shard; this rank's rows of the (full) staged output sums
+            if is_sharded(w) and staged is not None:  # this rank's rows of the (full) staged sums of W's dim 0
                 start, rows = local_rows(w)
-                staged = None if staged is None else [staged[0].narrow(0, start, rows), staged[1]]
+                if w in self._transposed:
+                    staged = [staged[0], staged[1].narrow(0, start, rows)]
+                else:
+                    staged = [staged[0].narrow(0, start, rows), staged[1]]
             if staged is None and w.grad is not None and not _local(state["in_stats"]).any() and _local(w.grad).any():
                 name = group["param_names"][i] if "param_names" in group else f"of shape {tuple(w.shape)}"
                 raise RuntimeError(
@@ -356,6 +376,7 @@ class IOAdam(LowMemOptimizer):
             steps.append(state["step"])
             slots.append(state["slot"])
             ready.append(fused_part)
+            transposed.append(w in self._transposed)
         return lists
 
     def _init_adamw_group(self, group: dict[str, Any]) -> tuple[list, ...]:
@@ -398,13 +419,13 @@ class IOAdam(LowMemOptimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             if group["io"]:
-                owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready = (
+                owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = (
                     self._init_io_group(group)
                 )
                 io_adam(
                     params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready,
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    p=group["p"], buffer_mode=group["buffer_mode"],
+                    p=group["p"], buffer_mode=group["buffer_mode"], transposed=transposed,
                 )  # fmt: skip
                 for w, k in zip(owners, slots):  # advance the slot once per processed step
                     self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
@@ -424,13 +445,15 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def _denominator(out_stats: Tensor, in_stats: Tensor, p: float, buffer_mode: str) -> Tensor:
-    """``D`` (n_out x n_in) from R (n_out x b) and C (n_in x b), before bias correction."""
+def _denominator(out_stats: Tensor, in_stats: Tensor, p: float, buffer_mode: str, transposed: bool = False) -> Tensor:
+    """``D`` (n_out x n_in; n_in x n_out if ``transposed``, a Conv1D weight's layout) from R
+    (n_out x b) and C (n_in x b), before bias correction."""
     q = p / (p - 1.0)
     if buffer_mode == "paper":  # (sum_k R_k^(2/q) (x) C_k^(2/p))^(1/2)
         r, c = (out_stats, in_stats) if p == 2.0 else (out_stats.pow(2.0 / q), in_stats.pow(2.0 / p))
-        return (r @ c.t()).sqrt_()
-    return out_stats.pow(1.0 / q) @ in_stats.pow(1.0 / p).t()  # per_slot: sum_k R_k^(1/q) (x) C_k^(1/p)
+        return (c @ r.t() if transposed else r @ c.t()).sqrt_()
+    r, c = out_stats.pow(1.0 / q), in_stats.pow(1.0 / p)  # per_slot: sum_k R_k^(1/q) (x) C_k^(1/p)
+    return c @ r.t() if transposed else r @ c.t()
 
 
 def io_adam(
@@ -452,6 +475,7 @@ def io_adam(
     weight_decay: float,
     p: float,
     buffer_mode: str,
+    transposed: list[bool] | None = None,
 ) -> None:
     """Functional IO-Adam step (see the module docstring) on lists of weights and their state.
 
@@ -459,6 +483,8 @@ def io_adam(
     ``slots`` the current slot ``k`` of each weight (the caller advances it); ``momentum_ready[i]``
     says the fused backward already applied ``M = b1 M + (1-b1) G`` for this step, in which case
     ``grads[i]`` (if any, e.g. from a tied embedding) is only added. ``grads[i]`` may be None.
+    ``transposed[i]``: weight ``i`` is stored (n_in, n_out) (HF ``Conv1D``), and so are its ``M``
+    and ``D``; R and C are the same (n_out x b, n_in x b) in either layout.
     """
     for i, w in enumerate(params):
         grad, exp_avg, r, c, step_t = grads[i], exp_avgs[i], out_stats[i], in_stats[i], state_steps[i]
@@ -472,7 +498,7 @@ def io_adam(
         if out_sums[i] is not None:
             r[:, k].add_(out_sums[i], alpha=1.0 - beta2)
             c[:, k].add_(in_sums[i], alpha=1.0 - beta2)
-        denom = _denominator(r, c, p, buffer_mode).add_(eps)
+        denom = _denominator(r, c, p, buffer_mode, bool(transposed and transposed[i])).add_(eps)
         step_size = lr * (1.0 - beta2**t) / (1.0 - beta1**t)
         w_work = w if w.dtype == exp_avg.dtype else w.to(exp_avg.dtype)
         w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-step_size)
