@@ -121,10 +121,11 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(args, expected, capsys, 
 
 
 def test_help_names_every_subcommand_including_compare(capsys):
-    """The fast top-level help (no torch import) lists exactly the parser's subcommands + compare."""
+    """The fast top-level help (no torch import) lists exactly the parser's subcommands plus the two
+    dispatched before LightningCLI: compare (several fits) and data (no Lightning import)."""
     from lowmem.cli import SUBCOMMANDS
 
-    assert set(SUBCOMMANDS) == set(LowMemCLI.subcommands()) | {"compare"}
+    assert set(SUBCOMMANDS) == set(LowMemCLI.subcommands()) | {"compare", "data"}
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
