@@ -228,7 +228,11 @@ def _config(family: str) -> str:
     ("args", "expected"),
     [
         # jsonargparse refuses a bool for an int itself
-        ([_config("cnn"), "--model.init_args.blocks_per_stage=true"], 'Parser key "blocks_per_stage": Expected a '),
+        ([_config("cnn"), "--model.init_args.blocks_per_stage=true"], "model.init_args.blocks_per_stage=True: expected an int"),
+        ([_config("cnn"), "--model.init_args.optimizer.init_args.lr=abc"],
+         "model.init_args.optimizer.init_args.lr=abc: expected a number"),
+        ([_config("cnn"), "--model.init_args.lr_scheduler.init_args.total_iters=abc"],
+         "model.init_args.lr_scheduler.init_args.total_iters=abc: expected an int"),
         # the constructor: n_head must divide n_embd
         ([_config("lm"), "--model.init_args.n_head=3"],
          "model.init_args.n_head=3: must divide model.init_args.n_embd=128 (each head gets n_embd / n_head channels); "
@@ -241,7 +245,7 @@ def _config(family: str) -> str:
         ([_config("cnn"), "--model.init_args.in_channels=3", "--model.init_args.widths=[8]"],
          "model.init_args.in_channels=3, but the data (DigitsDataModule) has 1-channel images"),
     ],
-    ids=["parser-bool-for-int", "model-n-head", "scheduler-total-iters", "diffusion-nan-beta", "model-vs-data"],
+    ids=["parser-bool-for-int", "parser-optimizer-lr", "parser-scheduler-arg", "model-n-head", "scheduler-total-iters", "diffusion-nan-beta", "model-vs-data"],
 )
 def test_command_line_gives_one_error_line_and_exit_code_2(args, expected, in_tmp, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -64,7 +65,23 @@ _PARSER_NOISE = (
 def condense_parser_error(message: str) -> str:
     """One readable line from a jsonargparse error: the key, the problem, the detail."""
     lines = [line.strip(" -") for line in message.splitlines()]
-    return " ".join(line for line in lines if line and not any(noise in line for noise in _PARSER_NOISE))
+    line = " ".join(line for line in lines if line and not any(noise in line for noise in _PARSER_NOISE))
+    return _key_value_form(line) or line
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
+_WRONG_TYPE = re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*?)(?= Type |\. Got value:|$)")
+_TYPE_WORDS = {"int": "an int", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _key_value_form(line: str) -> str | None:
+    """``model.init_args.optimizer.init_args.lr=abc: expected a number`` for jsonargparse's nested
+    'Parser key "model": Problem with given class_path ...: Parser key "lr": Expected a <class
+    'float'>. Got value: abc ...' (the key as a config writes it); None for other messages."""
+    keys, wrong = _PARSER_KEY.findall(line), _WRONG_TYPE.search(line)
+    if not keys or wrong is None or wrong.group(1) not in _TYPE_WORDS:
+        return None
+    return f"{'.init_args.'.join(keys)}={wrong.group(2)}: expected {_TYPE_WORDS[wrong.group(1)]}"
 
 
 # ``--ckpt_path`` values Lightning resolves itself rather than reading a file.
