@@ -130,3 +130,46 @@ def test_weight_decay_groups_keep_their_order_and_names():
     groups = weight_decay_param_groups(BertLayerLike(), 0.1)
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert [n for n, _ in groups[0]["params"]][0] == "attention.self.query.weight"
+
+
+def test_lowmem_roles_prints_every_parameter_with_each_optimizers_treatment(capsys):
+    from lowmem.cli import main
+
+    main(["roles", "--config", "configs/lm_slimadamw.yaml", "--model.init_args.n_layer=1",
+          '--model.init_args.optimizer.init_args.role_overrides={"gpt.h.0.mlp.c_fc.weight": "other"}'])  # fmt: skip
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| gpt.")]
+    from lowmem.lightning_modules import LanguageModel
+
+    names = [i.name for i in classify_parameters(LanguageModel(n_layer=1))]
+    assert [line.split(" | ")[0][2:] for line in table] == names  # every parameter, in model order
+    row = {line.split(" | ")[0][2:]: line.split(" | ") for line in table}
+    assert "SlimAdamW v dims *" in out  # the configured optimizer's column
+    # name, shape, role, decay, SlimAdamW dims, AdaPM momentum, Adam-mini block, IO-Adam
+    assert row["gpt.h.0.attn.c_attn.weight"][2:8] == ["qkv", "yes", "1", "qkv", "qkv (4:4:4, 32 rows)", "owned |"]
+    assert row["gpt.wte.weight"][2] == "embedding (tied: gpt.lm_head.weight)"
+    assert row["gpt.wpe.weight"][2:4] == ["position_embedding", "no"]
+    assert row["gpt.h.0.mlp.c_fc.weight"][2:5] == ["other", "yes", "-"]  # the override, applied to every column
+    assert "| mlp_down | 1 |" in out and "| total | " in out
+    assert "1 matrix in 'other'" in out and "gpt.h.0.mlp.c_fc.weight" in out.splitlines()[-1]
+
+
+class GQA(nn.Module):
+    """A fused q/k/v projection with 2 query heads and 1 key/value head of head_dim 8 at width 4."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(4, (2 + 2 * 1) * 8, bias=False), "proj": nn.Linear(16, 4)})
+
+    def attention_shape(self):
+        return self.shape
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 1), {"n_heads": 2, "n_kv_heads": 1, "head_dim": 8}], ids=["tuple", "mapping"])
+def test_attention_shape_may_give_kv_heads_and_head_dim(shape):
+    groups = strategies.AdamMini(lr=1e-3).param_groups(GQA(shape))
+    qkv = next(g for g in groups if g["block"] == "qkv")
+    assert qkv["qkv_heads"] == (2, 1) and qkv["head_dim"] == 8
+    with pytest.raises(ValueError, match=r"GQA\.attention_shape\(\) returned \(2, 16, 1, 8\)"):
+        strategies.AdamMini(lr=1e-3).param_groups(GQA((2, 16, 1, 8)))

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test set",
     "predict": "run the model's predict_step (diffusion: samples)",
     "memory": "params/grads/optimizer state of a config vs AdamW, no training (--ranks N: per FSDP2 rank)",
+    "roles": "every parameter's role and what each optimizer does with it (dims, momentum, blocks, decay)",
     "compare": "train several configs, one figure and table of loss and memory",
     "data": "prepare your own images or text files as a streaming dataset (lowmem data prepare --help)",
     "snr": "train with AdamW, SNR of Adam's v per layer: SlimAdamW rules JSON, table, figures",

@@ -127,6 +127,12 @@ class LowMemTrainer(Trainer):
             )
         print(format_memory_table(memory_report(model, datamodule, ranks)))
 
+    def roles(self, model: LightningModule, datamodule: LightningDataModule) -> None:
+        """Print every parameter's role and what SlimAdamW, AdaPM, Adam-mini and IO-Adam do with it, no training."""
+        from lowmem.cli.roles import roles_command
+
+        print(roles_command(model))
+
     def snr(self, model: LightningModule, datamodule: LightningDataModule, steps: int | None = None,
             cutoff: float = 1.0, out: str | None = None, layers: int = 4) -> None:  # fmt: skip
         """Train with AdamW, measure the SNR of Adam's v per layer, write SlimAdamW rules, table, figures (docs/snr.md).
@@ -165,7 +171,8 @@ class LowMemCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}, "snr": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "memory": {"model", "datamodule"}, "snr": {"model", "datamodule"},
+                "roles": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         """An optimizer class named on the command line starts from its own defaults.

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Role", "ParamRole", "OVERRIDES_KEY", "classify_parameters", "name_matches", "unassigned_matrices",
-           "unassigned_warning", "weight_decay_param_groups"]  # fmt: skip
+__all__ = ["Role", "ParamRole", "OVERRIDES_KEY", "attention_shape_of", "classify_parameters", "name_matches",
+           "unassigned_matrices", "unassigned_warning", "weight_decay_param_groups"]  # fmt: skip
 
 # Where a config sets the overrides (the strategy's ``role_overrides``), named in error messages.
 OVERRIDES_KEY = "model.init_args.optimizer.init_args.role_overrides"
@@ -316,3 +316,78 @@ def weight_decay_param_groups(
     if no_decay:
         groups.append({"params": [(i.name, i.param) for i in no_decay], "weight_decay": 0.0})
     return groups
+
+
+# Keys of a model's own config (Hugging Face ``PretrainedConfig``, lowmem's GPTConfig, ...).
+_HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads")
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "embed_dim", "dim")
+_KV_KEYS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num")
+_HEAD_DIM_KEYS = ("head_dim", "d_kv", "kv_channels")
+
+
+def _int_attr(obj: object, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = getattr(obj, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _shape(n_heads: int, dim: int | None, n_kv: int | None, head_dim: int | None) -> dict[str, int]:
+    """The grouping arguments: ``dim`` is the attention width ``n_heads * head_dim`` (which is all the
+    builders use it for), so a head_dim other than width/heads still cuts the right blocks."""
+    if head_dim is not None:
+        dim = n_heads * head_dim
+    if dim is None:
+        return {}
+    out = {"n_heads": n_heads, "dim": dim}
+    if n_kv is not None and n_kv != n_heads:
+        out["n_kv_heads"] = n_kv
+    return out
+
+
+def _declared_shape(shape: object, owner: str) -> dict[str, int]:
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - {"n_heads", "dim", "n_kv_heads", "head_dim"}
+        if unknown or "n_heads" not in shape:
+            raise ValueError(f"{owner}.attention_shape() returned {dict(shape)!r}; a mapping needs n_heads and may give "
+                             "dim, n_kv_heads and head_dim")  # fmt: skip
+        return _shape(shape["n_heads"], shape.get("dim"), shape.get("n_kv_heads"), shape.get("head_dim"))
+    if isinstance(shape, (tuple, list)) and len(shape) in (2, 3):
+        return _shape(shape[0], shape[1], shape[2] if len(shape) == 3 else None, None)
+    raise ValueError(f"{owner}.attention_shape() returned {shape!r}; return (n_heads, dim), (n_heads, dim, n_kv_heads) "
+                     "or {'n_heads': ..., 'dim': ..., 'n_kv_heads': ..., 'head_dim': ...}")  # fmt: skip
+
+
+def attention_shape_of(model: nn.Module) -> dict[str, int]:
+    """``{n_heads, dim[, n_kv_heads]}`` for head-wise optimizer blocks (Adam-mini, AdaPM-mini), read
+    from the model itself, or ``{}`` when it does not say (or its attention layers disagree).
+
+    In order: the model's ``attention_shape()`` (``(n_heads, dim)``, ``(n_heads, dim, n_kv_heads)``
+    or a mapping with ``n_heads`` and any of ``dim``, ``n_kv_heads``, ``head_dim``); the one config
+    of a wrapped model (``config.num_attention_heads``/``n_head``, ``hidden_size``/``n_embd``/``d_model``,
+    ``num_key_value_heads``, ``head_dim``/``d_kv``: Hugging Face, lowmem's GPT); the attention
+    modules' own ``num_heads``/``head_dim`` (timm, ``nn.MultiheadAttention``) when they all agree.
+    ``dim`` is returned as ``n_heads * head_dim``.
+    """
+    declared = getattr(model, "attention_shape", None)
+    if callable(declared):
+        return _declared_shape(declared(), type(model).__name__)
+    found: set[tuple] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        n_heads = _int_attr(config, _HEADS_KEYS) if config is not None else None
+        if n_heads is None:
+            continue
+        dim = _int_attr(config, _WIDTH_KEYS)
+        head_dim = _int_attr(config, _HEAD_DIM_KEYS)
+        found.add((n_heads, dim, _int_attr(config, _KV_KEYS), head_dim))
+    if not found:
+        for module in model.modules():
+            n_heads, head_dim = _int_attr(module, ("num_heads",)), _int_attr(module, ("head_dim",))
+            if n_heads is not None and head_dim is not None:
+                found.add((n_heads, None, _int_attr(module, ("num_kv_heads", "num_key_value_heads")), head_dim))
+    if len(found) != 1:
+        return {}
+    return _shape(*found.pop())
+

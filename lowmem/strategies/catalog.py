@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem import optim
-from lowmem.optim.roles import weight_decay_param_groups
+from lowmem.optim.roles import attention_shape_of, weight_decay_param_groups
 from lowmem.strategies.base import OptimizerStrategy
 
 __all__ = ["REGISTRY", "AdamW", "Adafactor", "HMAdamW", "HMAdam", "AdamS", "SlimAdamW", "AdaPM", "IOAdam", "AdamMini",
@@ -43,12 +43,10 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _attention_shape(module: nn.Module) -> dict[str, Any]:
-    """``n_heads``/``dim`` for head-wise blocks, from the module's ``attention_shape()`` if any."""
-    shape = getattr(module, "attention_shape", None)
-    if shape is None:
-        return {}
-    n_heads, dim = shape()
-    return {"n_heads": n_heads, "dim": dim}
+    """``n_heads``/``dim``/``n_kv_heads`` for head-wise blocks: from the module's ``attention_shape()``
+    (``(n_heads, dim)``, ``(n_heads, dim, n_kv_heads)`` or a mapping that may also give ``head_dim``),
+    else from the config of the model it wraps (:func:`lowmem.optim.roles.attention_shape_of`)."""
+    return attention_shape_of(module)
 
 
 def _config_type(annotation: Any) -> Any:
