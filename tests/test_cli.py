@@ -64,7 +64,7 @@ def test_validate_test_and_predict_subcommands(capsys):
         LowMemCLI(args=[sub, "--config", CNN_CONFIG, "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
                         "--trainer.enable_progress_bar=false"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "lowmem validate: step 0: val/acc=" in out and "lowmem test: step 0: test/acc=" in out
+    assert "lowmem validate: untrained model: val/acc=" in out and "lowmem test: untrained model: test/acc=" in out
     cli = LowMemCLI(args=["predict", "--config", CNN_CONFIG, "--trainer.limit_predict_batches=2",
                           "--trainer.enable_progress_bar=false"])  # fmt: skip
     assert cli.trainer.predict_loop.predictions[0].dtype == torch.int64
@@ -275,7 +275,7 @@ def test_validating_a_checkpoint_with_other_settings_notes_them(cnn_checkpoint, 
           "--trainer.enable_progress_bar=false"])  # fmt: skip
     captured = capsys.readouterr()
     assert "note: evaluating the checkpoint's model (model.init_args.widths: [4] in the checkpoint" in captured.err
-    assert "lowmem validate: step 0: val/acc=" in captured.out
+    assert "lowmem validate: checkpoint step 2: val/acc=" in captured.out  # the step it was saved at, not 0
 
 
 SHORT = ["--config", CNN_CONFIG, "--model.init_args.widths=[4]", "--trainer.val_check_interval=10",

@@ -241,7 +241,9 @@ class LowMemCLI(LightningCLI):
         hyperparameters are an error when resuming a fit (the weights would not fit, or training
         would silently change model) and a note for validate/test/predict, which evaluate the
         checkpoint's model (Lightning takes its hyperparameters)."""
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        self._checkpoint_step = checkpoint.get("global_step")  # reported after validate/test
+        saved = checkpoint.get("hyper_parameters") or {}
         model = self.config[subcommand].get("model")
         if not saved or model is None or "_class_path" not in saved:
             return
@@ -322,6 +324,15 @@ class LowMemCLI(LightningCLI):
     def after_test(self) -> None:
         self._report("test")
 
+    def _evaluated(self, stage: str) -> str:
+        """What the metrics are of: the fit's last step, or the evaluated checkpoint's step."""
+        if stage == "fit":
+            return f"step {self.trainer.global_step}"
+        step, ckpt = getattr(self, "_checkpoint_step", None), self.config[stage].get("ckpt_path")
+        if step is not None:
+            return f"checkpoint step {step}"
+        return f"checkpoint {ckpt}" if ckpt else "untrained model"
+
     def _report(self, stage: str) -> None:
         """Print the final validation/test metrics and the log folder, on global rank 0 only.
 
@@ -334,7 +345,7 @@ class LowMemCLI(LightningCLI):
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val/", "test/"))}
         if metrics:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-            print(f"lowmem {stage}: step {self.trainer.global_step}: {shown}")
+            print(f"lowmem {stage}: {self._evaluated(stage)}: {shown}")
         if log_dir:
             print(f"lowmem {stage}: logs in {log_dir}")
 
