@@ -173,3 +173,84 @@ def test_attention_shape_may_give_kv_heads_and_head_dim(shape):
     assert qkv["qkv_heads"] == (2, 1) and qkv["head_dim"] == 8
     with pytest.raises(ValueError, match=r"GQA\.attention_shape\(\) returned \(2, 16, 1, 8\)"):
         strategies.AdamMini(lr=1e-3).param_groups(GQA((2, 16, 1, 8)))
+
+
+class Attention(nn.Module):  # timm's layout: fused qkv and proj, num_heads/head_dim attributes
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, d // heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+
+class Mlp(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+
+class TinyViT(nn.Module):
+    """timm's VisionTransformer module tree: bare cls_token (1, 1, d) and pos_embed (1, N, d) with
+    ``no_weight_decay()``, blocks of norm/attn/LayerScale/mlp, a head."""
+
+    def __init__(self, d: int = 8, n: int = 5) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, n, d))
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(3, d, 4, 4)})
+        block = nn.Module()
+        block.norm1, block.attn, block.norm2, block.mlp = nn.LayerNorm(d), Attention(d, 2), nn.LayerNorm(d), Mlp(d)
+        block.ls1 = nn.Module()
+        block.ls1.gamma = nn.Parameter(torch.ones(d))
+        self.blocks = nn.Sequential(block)
+        self.head = nn.Linear(d, 3)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token", "dist_token"}
+
+
+def test_timm_layout_position_embeddings_one_v_per_position_and_no_decay_when_wrapped():
+    class Wrapper(nn.Module):  # a LowMemModule holding the timm model
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = TinyViT()
+
+    model = Wrapper()
+    infos = {i.name: i for i in classify_parameters(model)}
+    roles = {name: i.role.value for name, i in infos.items()}
+    assert roles == {
+        "model.cls_token": "position_embedding", "model.pos_embed": "position_embedding",
+        "model.patch_embed.proj.weight": "conv", "model.patch_embed.proj.bias": "bias",
+        "model.blocks.0.norm1.weight": "norm", "model.blocks.0.norm1.bias": "norm",
+        "model.blocks.0.attn.qkv.weight": "qkv", "model.blocks.0.attn.qkv.bias": "bias",
+        "model.blocks.0.attn.proj.weight": "attn_out", "model.blocks.0.attn.proj.bias": "bias",
+        "model.blocks.0.norm2.weight": "norm", "model.blocks.0.norm2.bias": "norm",
+        "model.blocks.0.mlp.fc1.weight": "mlp_up", "model.blocks.0.mlp.fc1.bias": "bias",
+        "model.blocks.0.mlp.fc2.weight": "mlp_down", "model.blocks.0.mlp.fc2.bias": "bias",
+        "model.blocks.0.ls1.gamma": "norm", "model.head.weight": "classifier", "model.head.bias": "bias",
+    }  # fmt: skip
+    assert not infos["model.pos_embed"].decays and not infos["model.cls_token"].decays
+    assert infos["model.pos_embed"].fan_out_dims == (1,) and infos["model.pos_embed"].fan_in_dims == (2,)
+    decayed = {n for g in weight_decay_param_groups(model, 0.1) if g["weight_decay"] for n, _ in g["params"]}
+    assert "model.pos_embed" not in decayed and "model.head.weight" in decayed
+    from lowmem.optim.roles import attention_shape_of
+
+    assert attention_shape_of(model) == {"n_heads": 2, "dim": 8}  # from the attention modules' own attributes
+    for name in ("SlimAdamW", "AdamMini"):
+        opt = getattr(strategies, name)(lr=1e-3).build(model)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        v = opt.state[model.model.pos_embed]["exp_avg_sq"]
+        assert tuple(v.shape) == (1, 5, 1), name  # one value per position, not one for the tensor
+        group = next(g for g in opt.param_groups if any(p is model.model.pos_embed for p in g["params"]))
+        assert group["weight_decay"] == 0.0
+
+
+def test_lowmem_models_have_no_matrix_in_other():
+    from lowmem.lightning_modules import DiffusionModel, LanguageModel
+
+    for model in (LanguageModel(n_layer=1), DiffusionModel(channels=[4, 8], time_dim=8), ImageClassifier(widths=[4, 8])):
+        assert unassigned_matrices(model) == [], type(model).__name__
+    roles = {i.name: i.role for i in classify_parameters(DiffusionModel(channels=[4, 8], time_dim=8))}
+    assert roles["unet.time_mlp.0.weight"] is Role.MLP_UP and roles["unet.time_mlp.2.weight"] is Role.MLP_DOWN
+    assert roles["unet.down_blocks.0.time_proj.weight"] is Role.MLP_DOWN

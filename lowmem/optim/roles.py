@@ -4,9 +4,30 @@ Every per-parameter decision in lowmem reads this classifier: which tensors get 
 which SlimAdam compression rule applies, which AdaPM momentum a block keeps, how Adam-mini
 partitions a tensor. Nothing else in the code base matches parameter names.
 
-Classification goes by module type first (``nn.Embedding``, ``nn.Conv*``, norm layers, ...),
-and by the attribute name of the owning module second (``q_proj``, ``c_attn``, ``fc1`` ...),
-because ``nn.Linear`` alone does not say whether it is a query or an MLP projection.
+Classification reads structure first and names second:
+
+1. module types (``nn.Embedding``, ``nn.Conv*``, norm layers, ``nn.MultiheadAttention``, HF ``Conv1D``);
+2. for a Linear (or ``Conv1D``), the *block* it sits in: the nearest enclosing attention block
+   (a module class named ``...Attention``/``...Attn``, or a path component ``attn``, ``attention``,
+   ``self_attn``, ``SelfAttention``, ``encoder_attn``, ``attn1``...) or MLP block (classes
+   ``...MLP``/``...Mlp``/``FeedForward``/``...DenseReluDense``/``...Intermediate``/``TimestepEmbedding``,
+   components ``mlp``, ``ffn``, ``ff``, ``feed_forward``, ``intermediate``, ``time_mlp``...). Inside an
+   attention block the q/k/v/fused names pick the projection and every other Linear is the output
+   (``o``, ``o_proj``, ``to_out.0``, ``dense``...); inside an MLP block the gate/up/down names
+   decide and otherwise the position does: the block's last Linear is the down projection, the
+   ones before it up projections (``ff.net.0.proj`` / ``ff.net.2``, ``linear_1`` / ``linear_2``). BERT's
+   ``intermediate.dense`` / ``output.dense`` pair is read the same way (an ``output`` block beside
+   an ``intermediate`` one is the MLP's down projection; ``attention.output.dense`` is the
+   attention output);
+3. the Linear's own name (``q_proj``, ``c_attn``, ``fc1``, ``lm_head`` ...) outside any block;
+   a Linear inside a ``ModuleList``/``Sequential`` is named by its container (``to_out.0`` is
+   ``to_out``);
+4. bare parameters by name: ``pos_embed``, ``cls_token``, ``relative_position_bias_table``... are
+   position embeddings (no decay; one ``v`` per position: their fan-out is the position dim, the
+   one before the features, so a timm ``pos_embed`` of shape (1, N, d) keeps N values).
+
+Names a module lists in its own ``no_weight_decay()`` (timm; read on every submodule, so a
+wrapped timm model counts) and ``no_weight_decay_keywords()`` are not decayed.
 
 Each result also carries the *fan-in* and *fan-out* dimensions of the tensor, resolved per
 module type, so rules can be stated in those terms and never by raw tensor axis:
@@ -73,22 +94,37 @@ _CONV_T_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # Attribute names of Linear layers, by role (module name, last component, lower case).
 _LINEAR_NAMES: dict[Role, tuple[str, ...]] = {
-    Role.QUERY: ("q_proj", "query", "wq", "to_q", "q"),
-    Role.KEY: ("k_proj", "key", "wk", "to_k", "k"),
-    Role.VALUE: ("v_proj", "value", "wv", "to_v", "v"),
-    Role.QKV: ("c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj", "to_qkv"),
-    Role.ATTN_OUT: ("o_proj", "out_proj", "wo", "to_out", "attn_out", "dense"),
-    Role.MLP_UP: ("up_proj", "fc1", "c_fc", "w1", "fc_in", "dense_h_to_4h", "up"),
-    Role.MLP_GATE: ("gate_proj", "w3", "gate"),
-    Role.MLP_DOWN: ("down_proj", "fc2", "w2", "fc_out", "dense_4h_to_h", "down"),
+    Role.QUERY: ("q_proj", "query", "wq", "to_q", "q", "q_lin"),
+    Role.KEY: ("k_proj", "key", "wk", "to_k", "k", "k_lin"),
+    Role.VALUE: ("v_proj", "value", "wv", "to_v", "v", "v_lin"),
+    Role.QKV: ("c_attn", "qkv", "qkv_proj", "wqkv", "query_key_value", "in_proj", "to_qkv", "w_pack"),
+    Role.ATTN_OUT: ("o_proj", "out_proj", "wo", "to_out", "attn_out", "dense", "o", "out_lin"),
+    Role.MLP_UP: ("up_proj", "fc1", "c_fc", "w1", "fc_in", "dense_h_to_4h", "up", "wi", "wi_1", "fc1_x", "lin1"),
+    Role.MLP_GATE: ("gate_proj", "w3", "gate", "wi_0", "fc1_g"),
+    Role.MLP_DOWN: ("down_proj", "fc2", "w2", "fc_out", "dense_4h_to_h", "down", "lin2"),
     Role.LM_HEAD: ("lm_head", "embed_out", "output"),
-    Role.CLASSIFIER: ("classifier", "head", "fc"),
+    Role.CLASSIFIER: ("classifier", "head", "fc", "pooler", "score"),
 }
+# Inside an attention block every name but q/k/v/qkv is the output; inside an MLP block names
+# other than gate/up/down go by position (the last Linear is the down projection).
+# A Linear that projects a conditioning embedding (diffusion timestep) into a block's channels:
+# the down projection of the (split) time MLP.
+_CONDITIONING_NAMES = ("time_emb_proj", "time_proj", "temb_proj", "emb_proj", "cond_proj", "emb_layers")
 # `c_proj` / `proj` mean the attention output inside an attention block, the MLP down
 # projection inside an MLP block (nanoGPT, GPT-2, timm ViT).
 _CONTEXT_NAMES = ("c_proj", "proj")
 _ATTN_CONTEXT = ("attn", "attention", "self_attn", "mixer")
-_POSITION_NAMES = ("wpe", "pos_emb", "position_embeddings", "pos_embed", "position_embedding")
+_POSITION_NAMES = ("wpe", "pos_emb", "position_embeddings", "pos_embed", "position_embedding", "embed_positions",
+                   "pos_embedding", "absolute_pos_embed", "relative_attention_bias", "relative_position_bias_table",
+                   "cls_token", "dist_token", "reg_token", "register_tokens", "mask_token", "rel_pos_h", "rel_pos_w")
+_SCALE_NAMES = ("gamma", "layer_scale", "ls_gamma", "scale", "alpha")
+# Block kinds, read from module classes (lower case, digits stripped) and path components.
+_ATTN_CLASS = re.compile(r"(attention|attn)$")
+_ATTN_COMPONENT = re.compile(r"^((self|cross|encoder|enc_dec)_?)?(attn|attention)$|^attn_?\d$|^encdecattention$|^mixer$")
+_MLP_CLASS = re.compile(r"(mlp|feedforward|densereludense|denseactdense|densegatedactdense|layerff|intermediate|"
+                        r"timestepembedding|swiglu|ffn)$")
+_MLP_COMPONENT = re.compile(r"(^|_)(mlp|ffn|ff|feed_forward|feedforward|intermediate)$|^densereludense$|"
+                            r"^time_(mlp|embedding)$|^time_embed$")
 
 
 @dataclass(frozen=True)
@@ -105,11 +141,13 @@ class ParamRole:
     role: Role
     fan_in_dims: tuple[int, ...]
     fan_out_dims: tuple[int, ...]
+    listed_no_decay: bool = False  # named by a module's no_weight_decay() / no_weight_decay_keywords()
 
     @property
     def decays(self) -> bool:
-        """Whether weight decay applies: matrices and kernels only, never norms/biases/1-D."""
-        return self.param.ndim >= 2 and self.role not in NO_DECAY_ROLES
+        """Whether weight decay applies: matrices and kernels only, never norms/biases/1-D, nor
+        what a module's ``no_weight_decay()`` lists."""
+        return self.param.ndim >= 2 and self.role not in NO_DECAY_ROLES and not self.listed_no_decay
 
 
 def _fan_dims(module: nn.Module, param_name: str, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -125,9 +163,91 @@ def _fan_dims(module: nn.Module, param_name: str, ndim: int) -> tuple[tuple[int,
     return (1, *rest), (0,)  # Linear, Embedding and anything (out, in, ...)-shaped
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _block_kind(name: str, module: nn.Module) -> str | None:
+    """``"attn"``, ``"mlp"`` or None for one module of the path (its attribute name and class)."""
+    cls = re.sub(r"\d+$", "", type(module).__name__.lower())
+    comp = name.lower()
+    if "block" in cls or "layer" in cls:  # UNetMidBlock2DCrossAttn, T5LayerFF...: a container of blocks
+        cls = ""
+    if isinstance(module, nn.MultiheadAttention) or _ATTN_CLASS.search(cls) or _ATTN_COMPONENT.search(comp):
+        return "attn"
+    if _MLP_CLASS.search(cls) or _MLP_COMPONENT.search(comp):
+        return "mlp"
+    return None
+
+
+def _own_name(path: tuple[str, ...]) -> str:
+    """The Linear's name: its attribute name, or its container's for a ``ModuleList``/``Sequential`` entry."""
+    for part in reversed(path):
+        if not part.isdigit():
+            return part.lower()
+    return ""
+
+
+def _named_role(name: str, roles: Iterable[Role]) -> Role | None:
+    return next((r for r in roles if name in _LINEAR_NAMES[r]), None)
+
+
+def _structural_linear_roles(model: nn.Module) -> dict[int, Role]:
+    """``id(module) -> role`` of every Linear/Conv1D that sits in a recognised block (rule 2)."""
+    modules = dict(model.named_modules())
+    roles: dict[int, Role] = {}
+    for full, module in modules.items():
+        if not _linear_like(module) or id(module) in roles:
+            continue
+        path = tuple(full.split(".")) if full else ()
+        name = _own_name(path)
+        if name in _CONDITIONING_NAMES:
+            roles[id(module)] = Role.MLP_DOWN
+            continue
+        ancestors = [(path[i - 1] if i else "", modules[".".join(path[:i])]) for i in range(len(path) - 1, -1, -1)]
+        # BERT-style: a block named output beside an intermediate block is the MLP's down projection.
+        for i, (comp, anc) in enumerate(ancestors[:-1]):
+            parent = ancestors[i + 1][1]
+            if comp.lower() == "output" and hasattr(parent, "intermediate") and _block_kind("", anc) != "attn":
+                roles[id(module)] = Role.MLP_DOWN
+                break
+            if _block_kind(comp, anc) is not None:
+                break
+        if id(module) in roles:
+            continue
+        for i, (comp, anc) in enumerate(ancestors):
+            if i == 0 and not path:
+                break
+            kind = _block_kind(comp, anc)
+            if kind is None:
+                continue
+            if kind == "attn":
+                roles[id(module)] = _named_role(name, (Role.QUERY, Role.KEY, Role.VALUE, Role.QKV)) or Role.ATTN_OUT
+            else:
+                named = _named_role(name, (Role.MLP_GATE, Role.MLP_UP, Role.MLP_DOWN))
+                if named is None:  # by position (GPT-2's c_fc/c_proj, T5's wi/wo, diffusers' net.0.proj/net.2)
+                    block = [m for m in anc.modules() if _linear_like(m)]
+                    cls = type(anc).__name__.lower()
+                    if comp.lower() == "intermediate" or cls.endswith("intermediate"):
+                        named = Role.MLP_UP
+                    else:
+                        named = Role.MLP_DOWN if len(block) > 1 and block[-1] is module else Role.MLP_UP
+                roles[id(module)] = named
+            break
+    return roles
+
+
 def _linear_role(path: tuple[str, ...], is_root_child: bool) -> Role:
-    leaf = path[-1].lower() if path else ""
+    leaf = _own_name(path)
     parents = [p.lower() for p in path[:-1]]
+    if leaf in _CONDITIONING_NAMES:
+        return Role.MLP_DOWN
+    if "pooler" in parents:  # BERT's pooler: the first layer of the classification head
+        return Role.CLASSIFIER
     if leaf in _CONTEXT_NAMES:
         in_attn = any(any(a in p for a in _ATTN_CONTEXT) for p in parents)
         return Role.ATTN_OUT if in_attn else Role.MLP_DOWN
@@ -135,7 +255,7 @@ def _linear_role(path: tuple[str, ...], is_root_child: bool) -> Role:
         if leaf in names:
             if role is Role.LM_HEAD and leaf == "output" and not is_root_child:
                 continue
-            if role is Role.ATTN_OUT and leaf == "dense":
+            if role is Role.ATTN_OUT and leaf in ("dense", "o"):
                 in_attn = any(any(a in p for a in _ATTN_CONTEXT) for p in parents)
                 if not in_attn:
                     continue
@@ -143,7 +263,8 @@ def _linear_role(path: tuple[str, ...], is_root_child: bool) -> Role:
     return Role.OTHER
 
 
-def _module_role(module: nn.Module, path: tuple[str, ...], param_name: str, ndim: int) -> Role:
+def _module_role(module: nn.Module, path: tuple[str, ...], param_name: str, ndim: int,
+                 structural: Mapping[int, Role] | None = None) -> Role:  # fmt: skip
     if isinstance(module, _NORM_TYPES) or (path and "norm" in path[-1].lower() and ndim <= 1):
         return Role.NORM
     if param_name == "bias" or param_name.endswith("_bias"):
@@ -155,11 +276,38 @@ def _module_role(module: nn.Module, path: tuple[str, ...], param_name: str, ndim
         return Role.QKV if param_name == "in_proj_weight" else Role.OTHER
     if isinstance(module, _CONV_TYPES + _CONV_T_TYPES):
         return Role.CONV
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    if _linear_like(module):
+        if structural and id(module) in structural:
+            return structural[id(module)]
         return _linear_role(path, is_root_child=len(path) == 1)
-    if path and path[-1].lower() in _POSITION_NAMES:
+    if param_name.lower() in _POSITION_NAMES or (path and path[-1].lower() in _POSITION_NAMES):
         return Role.POSITION_EMBEDDING
+    if ndim <= 1 and (param_name.lower() in _SCALE_NAMES or "layerscale" in type(module).__name__.lower()):
+        return Role.NORM  # a per-channel affine scale (ConvNeXt's gamma, timm's LayerScale): treated as a norm weight
     return Role.OTHER
+
+
+def _position_fan_dims(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A bare position embedding (1, N, d) / (N, d) / (heads, N, N)...: features last, positions before."""
+    return (ndim - 1,), (ndim - 2,)
+
+
+def _no_decay_names(model: nn.Module, names: list[str]) -> set[str]:
+    """Full names listed by any submodule's ``no_weight_decay()`` (relative to that submodule) or
+    matched by its ``no_weight_decay_keywords()`` (substrings), timm's conventions."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        keywords = getattr(module, "no_weight_decay_keywords", None)
+        if not callable(listed) and not callable(keywords):
+            continue
+        head = f"{prefix}." if prefix else ""
+        if callable(listed):
+            out |= {head + n for n in (listed() or ())}
+        if callable(keywords):
+            words = tuple(keywords() or ())
+            out |= {n for n in names if n.startswith(head) and any(w in n[len(head):] for w in words)}
+    return out
 
 
 def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
@@ -257,10 +405,12 @@ def classify_parameters(
     if unknown:
         raise ValueError(f"unknown role(s) {sorted(unknown)} in overrides; valid roles: {[r.value for r in Role]}")
     owned = list(_owned_parameters(model))
+    names = [full for full, *_ in owned]
     if own:
-        names = [full for full, *_ in owned]
         _check_overrides_match(given, names, f"role override ({OVERRIDES_KEY} in a config)")
         _check_overrides_match(model_own.keys() - given.keys(), names, f"{type(model).__name__}.lowmem_roles()")
+    structural = _structural_linear_roles(model)
+    no_decay = _no_decay_names(model, names)
     result = []
     for full, module, local, param in owned:
         if trainable_only and not param.requires_grad:
@@ -268,9 +418,11 @@ def classify_parameters(
         mod_path = tuple(full.split(".")[:-1])
         role = next((Role(r) for pat, r in own.items() if name_matches(pat, full)), None)
         if role is None:
-            role = _module_role(module, mod_path, local, param.ndim)
+            role = _module_role(module, mod_path, local, param.ndim, structural)
         fan_in, fan_out = _fan_dims(module, local, param.ndim)
-        result.append(ParamRole(full, param, module, role, fan_in, fan_out))
+        if role is Role.POSITION_EMBEDDING and param.ndim >= 2 and not isinstance(module, nn.Embedding):
+            fan_in, fan_out = _position_fan_dims(param.ndim)
+        result.append(ParamRole(full, param, module, role, fan_in, fan_out, full in no_decay))
     return result
 
 
@@ -299,14 +451,14 @@ def weight_decay_param_groups(
 ) -> list[dict]:
     """Two param groups: matrices/kernels with weight decay, norms/biases/1-D params without.
 
-    Names listed by the model's own ``no_weight_decay()`` (timm convention) also go without decay.
+    Names listed by the ``no_weight_decay()`` of the model or of any submodule (timm's convention; a
+    wrapped timm model counts) also go without decay.
     With ``weight_decay=None`` the decayed group inherits the optimizer's default. Parameters are
     given as ``(name, param)`` pairs, so torch stores ``param_names`` in every group.
     """
-    skip = set(getattr(model, "no_weight_decay", lambda: ())())
     decay, no_decay = [], []
     for info in classify_parameters(model, overrides):
-        (decay if info.decays and info.name not in skip else no_decay).append(info)
+        (decay if info.decays else no_decay).append(info)
     groups = []
     if decay:
         g = {"params": [(i.name, i.param) for i in decay]}
