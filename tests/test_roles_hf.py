@@ -78,14 +78,22 @@ def test_llama_gqa_with_a_head_dim_of_its_own(T):
 
 
 def test_fused_gqa_qkv_is_cut_by_the_configs_kv_heads(T):
-    cfg = T.PhiConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=50)  # fmt: skip
-    shape = attention_shape_of(T.PhiForCausalLM(cfg))
-    assert shape == {"n_heads": 4, "dim": 16, "n_kv_heads": 2}
-    from lowmem.optim.blocks import head_config, qkv_split
+    cfg = T.Phi3Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=50, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    m = T.Phi3ForCausalLM(cfg)
+    assert_roles(m, {"model.embed_tokens.weight": "embedding", "**.self_attn.qkv_proj.weight": "qkv",
+                     "**.self_attn.o_proj.weight": "attn_out", "**.mlp.gate_up_proj.weight": "mlp_up",
+                     "**.mlp.down_proj.weight": "mlp_down", "lm_head.weight": "lm_head"})  # fmt: skip
+    assert attention_shape_of(m) == {"n_heads": 4, "dim": 16, "n_kv_heads": 2}
+    from lowmem import strategies
+    from lowmem.optim.blocks import qkv_split
 
-    head_dim, qkv_heads = head_config(shape["n_heads"], shape["dim"], shape["n_kv_heads"])
-    assert qkv_split(4 * 4 + 2 * 2 * 4, qkv_heads) == (16, 8, 8)  # not three equal thirds
+    for name in ("AdamMini", "AdaPM"):
+        groups = strategies.AdamMini(lr=1e-3).param_groups(m) if name == "AdamMini" else \
+            strategies.AdaPM(lr=1e-3, second_moment="mini").param_groups(m)
+        qkv = next(g for g in groups if any(n.endswith("qkv_proj.weight") for n, _ in g["params"]))
+        assert qkv["qkv_heads"] == (4, 2) and qkv["head_dim"] == 4, name
+    assert qkv_split(4 * 4 + 2 * 2 * 4, (4, 2)) == (16, 8, 8)  # not three equal thirds of 32
 
 
 def test_bert_mlp_is_read_from_its_intermediate_output_pair(T):
@@ -142,6 +150,19 @@ def test_diffusers_unets_attention_outputs_feed_forwards_and_time_embeddings():
                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
                                   norm_num_groups=4, attention_head_dim=2)  # fmt: skip
     assert_roles(cond, unet_roles)
+    # head_dim differs per block (2 heads of 8 channels, then of 16): each projection gets its own block's.
+    varied = D.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                    layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                    norm_num_groups=4, attention_head_dim=(2, 2))  # fmt: skip
+    from lowmem import strategies
+
+    assert attention_shape_of(varied) == {}  # no one model-wide shape
+    groups = strategies.AdamMini(lr=1e-3).param_groups(varied)
+    head_dims = {n: g["head_dim"] for g in groups if g["block"] == "head" for n, _ in g["params"]}
+    assert head_dims["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"] == 8 // 2
+    assert head_dims["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"] == 16 // 2
+    assert head_dims["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == 16 // 2
 
 
 def test_timm_vit_resnet_convnext():

@@ -181,9 +181,14 @@ def block_keys(info: ParamRole, head_dim: int | None, qkv_heads: tuple[int, int]
     for embeddings and the LM head); norm weights: one value per tensor; biases, norm biases
     included: per entry (plain Adam, as the ``adam-mini`` package);
     anything else: per row if it is a matrix, one value per tensor otherwise. Query/key blocks need
-    ``head_dim``: without it ``block`` is ``None`` and the optimizer asks for ``n_heads``/``dim``.
+    ``head_dim``: the model-wide one given here, else the one the projection's own attention block
+    states (``info.heads``, read by the classifier); without either ``block`` is ``None`` and the
+    optimizer asks for ``n_heads``/``dim``.
     """
     p, role = info.param, info.role
+    if head_dim is None and getattr(info, "heads", None) is not None:  # the projection's own attention block
+        n_heads, n_kv, head_dim = info.heads
+        qkv_heads = (n_heads, n_kv)
     fan_out = info.fan_out_dims[0] if info.fan_out_dims else 0
     keys = {"fan_out_dim": fan_out, "head_dim": head_dim or 0, "qkv_heads": tuple(qkv_heads)}
     if role in (Role.QUERY, Role.KEY, Role.QKV) and p.ndim >= 2:

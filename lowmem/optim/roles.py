@@ -142,6 +142,10 @@ class ParamRole:
     fan_in_dims: tuple[int, ...]
     fan_out_dims: tuple[int, ...]
     listed_no_decay: bool = False  # named by a module's no_weight_decay() / no_weight_decay_keywords()
+    # (n_heads, n_kv_heads, head_dim) of the attention block of a query/key/fused projection, when
+    # that block says (timm num_heads/head_dim, diffusers heads/inner_dim, HF config): head-wise
+    # blocks then need no model-wide n_heads, and layers with different heads each get theirs.
+    heads: tuple[int, int, int] | None = None
 
     @property
     def decays(self) -> bool:
@@ -196,10 +200,47 @@ def _named_role(name: str, roles: Iterable[Role]) -> Role | None:
     return next((r for r in roles if name in _LINEAR_NAMES[r]), None)
 
 
-def _structural_linear_roles(model: nn.Module) -> dict[int, Role]:
-    """``id(module) -> role`` of every Linear/Conv1D that sits in a recognised block (rule 2)."""
+def _out_features(module: nn.Module) -> int | None:
+    w = getattr(module, "weight", None)
+    if w is None or getattr(w, "ndim", 0) != 2:
+        return None
+    return int(w.shape[1] if _is_conv1d(module) else w.shape[0])
+
+
+def _attention_heads(block: nn.Module, role: Role, linear: nn.Module) -> tuple[int, int, int] | None:
+    """``(n_heads, n_kv_heads, head_dim)`` an attention block states about itself, else None."""
+    config = getattr(block, "config", None)
+    n_heads = _int_attr(block, ("num_heads", "heads", "n_head", "num_attention_heads", "n_heads"))
+    n_heads = n_heads or (_int_attr(config, _HEADS_KEYS) if config is not None else None)
+    if n_heads is None:
+        return None
+    head_dim = _int_attr(block, ("head_dim", "attention_head_size"))
+    head_dim = head_dim or (_int_attr(config, _HEAD_DIM_KEYS) if config is not None else None)
+    inner = _int_attr(block, ("inner_dim", "all_head_size"))
+    if head_dim is None and inner is not None and inner % n_heads == 0:
+        head_dim = inner // n_heads
+    n_kv = _int_attr(block, ("num_key_value_heads", "num_kv_heads", "kv_heads", "n_kv_head"))
+    n_kv = n_kv or (_int_attr(config, _KV_KEYS) if config is not None else None)
+    groups = _int_attr(block, ("num_key_value_groups",))
+    if n_kv is None and groups is not None and n_heads % groups == 0:
+        n_kv = n_heads // groups
+    inner_kv = _int_attr(block, ("inner_kv_dim",))
+    if n_kv is None and head_dim and inner_kv is not None and inner_kv % head_dim == 0:
+        n_kv = inner_kv // head_dim
+    n_kv = n_kv or n_heads
+    rows = _out_features(linear)
+    if head_dim is None and rows is not None:  # from the projection's own rows
+        per = n_heads + 2 * n_kv if role is Role.QKV else (n_heads if role is Role.QUERY else n_kv)
+        head_dim = rows // per if rows % per == 0 else None
+    return None if head_dim is None else (n_heads, n_kv, head_dim)
+
+
+def _structural_linear_roles(model: nn.Module) -> tuple[dict[int, Role], dict[int, tuple[int, int, int]]]:
+    """``id(module) -> role`` of every Linear/Conv1D that sits in a recognised block (rule 2), and
+    ``id(module) -> (n_heads, n_kv_heads, head_dim)`` for the query/key/fused ones whose block says."""
     modules = dict(model.named_modules())
     roles: dict[int, Role] = {}
+    heads: dict[int, tuple[int, int, int]] = {}
     for full, module in modules.items():
         if not _linear_like(module) or id(module) in roles:
             continue
@@ -226,7 +267,10 @@ def _structural_linear_roles(model: nn.Module) -> dict[int, Role]:
             if kind is None:
                 continue
             if kind == "attn":
-                roles[id(module)] = _named_role(name, (Role.QUERY, Role.KEY, Role.VALUE, Role.QKV)) or Role.ATTN_OUT
+                role = _named_role(name, (Role.QUERY, Role.KEY, Role.VALUE, Role.QKV)) or Role.ATTN_OUT
+                roles[id(module)] = role
+                if role in (Role.QUERY, Role.KEY, Role.QKV) and (found := _attention_heads(anc, role, module)):
+                    heads[id(module)] = found
             else:
                 named = _named_role(name, (Role.MLP_GATE, Role.MLP_UP, Role.MLP_DOWN))
                 if named is None:  # by position (GPT-2's c_fc/c_proj, T5's wi/wo, diffusers' net.0.proj/net.2)
@@ -238,7 +282,7 @@ def _structural_linear_roles(model: nn.Module) -> dict[int, Role]:
                         named = Role.MLP_DOWN if len(block) > 1 and block[-1] is module else Role.MLP_UP
                 roles[id(module)] = named
             break
-    return roles
+    return roles, heads
 
 
 def _linear_role(path: tuple[str, ...], is_root_child: bool) -> Role:
@@ -409,7 +453,7 @@ def classify_parameters(
     if own:
         _check_overrides_match(given, names, f"role override ({OVERRIDES_KEY} in a config)")
         _check_overrides_match(model_own.keys() - given.keys(), names, f"{type(model).__name__}.lowmem_roles()")
-    structural = _structural_linear_roles(model)
+    structural, heads = _structural_linear_roles(model)
     no_decay = _no_decay_names(model, names)
     result = []
     for full, module, local, param in owned:
@@ -422,7 +466,8 @@ def classify_parameters(
         fan_in, fan_out = _fan_dims(module, local, param.ndim)
         if role is Role.POSITION_EMBEDDING and param.ndim >= 2 and not isinstance(module, nn.Embedding):
             fan_in, fan_out = _position_fan_dims(param.ndim)
-        result.append(ParamRole(full, param, module, role, fan_in, fan_out, full in no_decay))
+        result.append(ParamRole(full, param, module, role, fan_in, fan_out, full in no_decay,
+                                heads.get(id(module)) if role in (Role.QUERY, Role.KEY, Role.QKV) else None))
     return result
 
 
