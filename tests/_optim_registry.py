@@ -122,6 +122,11 @@ SPECS: list[OptimSpec] = [
     # Momentum folded into .grad: every check drives them with zero_grad() as the decay.
     OptimSpec("HMAdamW", HMAdamW, kwargs={"fused": False}, invalid_kwargs=_HMADAM_INVALID),
     OptimSpec("HMAdam", HMAdam, kwargs={"fused": False}, invalid_kwargs=_HMADAM_INVALID),
+    # v from the incoming gradients through per-parameter hooks (AdamW's / Adam-with-L2's v).
+    OptimSpec("HMAdamW-hook", HMAdamW, kwargs={"fused": False, "variance_correction": "hook"},
+              invalid_kwargs=_HMADAM_INVALID),  # fmt: skip
+    OptimSpec("HMAdam-hook", HMAdam, kwargs={"fused": False, "variance_correction": "hook"},
+              invalid_kwargs=_HMADAM_INVALID),  # fmt: skip
     OptimSpec("AdamS", AdamS, kwargs={"fused": False}),
     # One group, compress_dims=None: the plain-AdamW path of SlimAdamW.
     OptimSpec("SlimAdamW", SlimAdamW, kwargs={"fused": False}),
@@ -149,6 +154,7 @@ SPECS: list[OptimSpec] = [
         for spec in (
             OptimSpec("HMAdamW", HMAdamW, invalid_kwargs=_HMADAM_INVALID),
             OptimSpec("HMAdam", HMAdam, invalid_kwargs=_HMADAM_INVALID),
+            OptimSpec("HMAdamW-hook", HMAdamW, kwargs={"variance_correction": "hook"}, invalid_kwargs=_HMADAM_INVALID),
             OptimSpec("AdamS", AdamS),
             OptimSpec("SlimAdamW", SlimAdamW),
             OptimSpec("SlimAdamW-roles", SlimAdamW, param_groups=slimadam_param_groups),

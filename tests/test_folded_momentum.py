@@ -110,9 +110,9 @@ def test_validation_between_fits_and_stage_starts_never_touch_the_momentum(tmp_p
 BATCH, EPOCH_BATCHES, STEPS = 16, 40, 52
 
 
-def _plain_pytorch_loop(accumulate: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _plain_pytorch_loop(accumulate: int, correction: str = "noise") -> tuple[nn.Module, torch.optim.Optimizer]:
     """The same model, optimizer, data order and loss scaling as the Lightning run, no Lightning."""
-    model = cnn(HMAdamW(lr=3e-3))
+    model = cnn(HMAdamW(lr=3e-3, variance_correction=correction))
     optimizer = model.optimizer_strategy.build(model)
     dm = digits(BATCH)
     dm.setup()
@@ -133,16 +133,17 @@ def _plain_pytorch_loop(accumulate: int) -> tuple[nn.Module, torch.optim.Optimiz
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("accumulate", [1, 2, 4])
-def test_lightning_matches_a_plain_pytorch_loop(accumulate):
+@pytest.mark.parametrize(("accumulate", "correction"), [(1, "noise"), (2, "noise"), (4, "noise"), (4, "hook")])
+def test_lightning_matches_a_plain_pytorch_loop(accumulate, correction):
     """52 optimizer steps, validation every 6 batches (mid-window for accumulate=4): Lightning +
     LowMemModule + HMAdamW equals HMAdamW driven by hand, so the decay happens once per optimizer
-    step whatever the number of micro-batches, and validation does not disturb it."""
-    model = cnn(HMAdamW(lr=3e-3))
+    step whatever the number of micro-batches, and validation does not disturb it (nor, with
+    variance_correction="hook", the gradient hooks: validation runs no backward)."""
+    model = cnn(HMAdamW(lr=3e-3, variance_correction=correction))
     t = trainer(max_steps=STEPS, limit_train_batches=EPOCH_BATCHES, accumulate_grad_batches=accumulate,
                 limit_val_batches=2, val_check_interval=6, callbacks=[MomentumWatch()])  # fmt: skip
     t.fit(model, digits(BATCH))
-    ref_model, ref_opt = _plain_pytorch_loop(accumulate)
+    ref_model, ref_opt = _plain_pytorch_loop(accumulate, correction)
     params = dict(model.named_parameters())
     ref = dict(ref_model.named_parameters())
     assert max_param_diff({k: v.detach() for k, v in params.items()}, {k: v.detach() for k, v in ref.items()}) <= 1e-6
@@ -340,7 +341,7 @@ def test_clipping_above_the_gradient_norm_never_clips_the_history():
     """An AdamW user's threshold above the gradient norm (2G) never bites AdamW; with lowmem it
     never bites HMAdamW either (the momentum's norm tends to G). Lightning's own clipping of
     .grad would clip HMAdamW's history, whose norm tends to G / (1 - b1) = 10 G (negative control)."""
-    G = float(LinearLoss(None).g.norm())
+    G = float(LinearLoss(_hm()).g.norm())
     unclipped, clipped = _clip_run(_hm()), _clip_run(_hm(), clip=2 * G)
     assert torch.equal(unclipped.lin.weight, clipped.lin.weight)
     assert torch.equal(unclipped.lin.weight.grad, clipped.lin.weight.grad)
@@ -355,7 +356,7 @@ def test_clipping_above_the_gradient_norm_never_clips_the_history():
 def test_clipping_below_the_gradient_norm_gives_adamw_s_clipped_momentum():
     """Threshold c = G/2 below the gradient norm: AdamW's exp_avg tends to the clipped gradient
     (norm c, direction g); HMAdamW's momentum reaches exactly that and never exceeds c."""
-    G = float(LinearLoss(None).g.norm())
+    G = float(LinearLoss(_hm()).g.norm())
     c = G / 2
     hm = _clip_run(_hm(), clip=c)
     adamw = _clip_run(AdamW(lr=1e-2, betas=(B1, 0.999), weight_decay=0.0), clip=c)
@@ -373,3 +374,33 @@ def test_value_clipping_is_refused_for_hmadamw_and_allowed_for_adamw():
         t.fit(model, _dummy_batches())
     adamw = LinearLoss(AdamW())
     trainer(max_steps=2, gradient_clip_val=0.5, gradient_clip_algorithm="value").fit(adamw, _dummy_batches())
+
+
+# ------------------------------------------------- 7. variance_correction="hook" at fit start
+def test_hook_variance_is_refused_at_fit_start_where_its_hooks_cannot_see_the_gradient():
+    """One process, no loss scaling: DDP (world size 2), FSDP2 and an fp16 GradScaler are each a
+    one-line StrategyError naming the option and the fix; the default correction passes them."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    def check(correction, strategy=None, world_size=1, plugin=None):
+        model = cnn(HMAdamW(lr=3e-3, variance_correction=correction))
+        opt = model.optimizer_strategy.build(model)
+        stand_in = SimpleNamespace(strategy=strategy, precision_plugin=plugin or Precision(), world_size=world_size,
+                                   gradient_clip_val=None, gradient_clip_algorithm=None, optimizers=[opt])  # fmt: skip
+        model.optimizer_strategy.check(stand_in)
+
+    fp16 = FoldedMomentumPrecision("16-mixed", device="cpu")
+    for kwargs, needle in [
+        (dict(strategy=DDPStrategy(), world_size=2), "world size 2"),
+        (dict(strategy=ModelParallelStrategy()), r"FSDP2 \(ModelParallelStrategy\)"),
+        (dict(plugin=fp16), "an fp16 GradScaler"),
+    ]:
+        with pytest.raises(StrategyError, match=r"HMAdamW\(variance_correction='hook'\).*" + needle) as info:
+            check("hook", **kwargs)
+        assert "\n" not in str(info.value)
+        assert "model.init_args.optimizer.init_args.variance_correction to noise" in str(info.value)
+        check("noise", **kwargs)
+    check("hook", strategy=DDPStrategy(), world_size=1)

@@ -481,3 +481,243 @@ def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatc
     for a, b in zip(plain, sharded):
         torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------- 9. variance_correction="hook": AdamW's v
+class TiedNet(nn.Module):
+    """Embedding whose weight is also the output layer (used twice per forward), a hidden Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, ids):
+        return torch.tanh(self.fc(self.emb(ids))) @ self.emb.weight.t()
+
+
+def _tied_pair(dtype):
+    torch.manual_seed(0)
+    a = TiedNet().to(dtype)
+    return a, copy.deepcopy(a)
+
+
+def _groups(model):  # a decayed and a no-decay group, as the strategies build them
+    return [{"params": [model.emb.weight, model.fc.weight]}, {"params": [model.fc.bias], "weight_decay": 0.0}]
+
+
+def _loss(model, ids, accumulation=1):
+    return nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(1, 1).flatten()) / accumulation
+
+
+HOOK_EXACT = {  # dtype, fused -> largest parameter difference to torch's optimizer over 150 steps
+    (torch.float64, False): 1e-12,
+    (torch.float64, True): 1e-12,  # the compiled kernel (float64 never takes the native one)
+    (torch.float32, True): 2e-6,  # the native C kernel
+}
+
+
+@pytest.mark.parametrize("dtype,fused", list(HOOK_EXACT), ids=["fp64-loop", "fp64-compiled", "fp32-native"])
+@pytest.mark.parametrize("opt_cls,torch_cls", [(HMAdamW, torch.optim.AdamW), (HMAdam, torch.optim.Adam)],
+                         ids=["HMAdamW-AdamW", "HMAdam-Adam"])  # fmt: skip
+def test_hook_is_torch_adamw_step_by_step(opt_cls, torch_cls, dtype, fused, request):
+    """One backward per step, one process: HMAdamW(variance_correction="hook") follows
+    torch.optim.AdamW (HMAdam: torch.optim.Adam with coupled L2) step by step, with tied weights,
+    two groups and a schedule; its exp_avg_sq is AdamW's after every step; the default ``noise``
+    (negative control) is far off."""
+    if fused and dtype == torch.float64:
+        use_backend("compiled", request)
+    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, theirs = _tied_pair(dtype)
+    control, _ = _tied_pair(dtype)
+    opt = opt_cls(_groups(ours), variance_correction="hook", fused=fused, **hp)
+    ref = torch_cls(_groups(theirs), foreach=False, **hp)
+    noise = opt_cls(_groups(control), fused=False, **hp)
+    scheds = [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=20) for o in (opt, ref, noise)]
+    gen = torch.Generator().manual_seed(1)
+    worst = worst_v = 0.0
+    for _ in range(150):
+        ids = torch.randint(0, 11, (16, 5), generator=gen)
+        for model, o, s in ((ours, opt, scheds[0]), (theirs, ref, scheds[1]), (control, noise, scheds[2])):
+            o.zero_grad()
+            _loss(model, ids).backward()
+            o.step()
+            s.step()
+        worst = max(worst, max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters())))
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            v, v_ref = opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"]
+            worst_v = max(worst_v, ((v - v_ref).abs().max() / v_ref.abs().max()).item())
+    assert worst <= HOOK_EXACT[dtype, fused], worst
+    assert worst_v <= (1e-12 if dtype == torch.float64 else 1e-5), worst_v
+    off = max((p - q).abs().max().item() for p, q in zip(control.parameters(), theirs.parameters()))
+    assert off > 1e3 * HOOK_EXACT[dtype, fused] and off > 1e-4, off
+
+
+def _hook_reference(params, micro, *, lr, betas, eps, weight_decay, w):
+    """docs/algorithms.md §1, variance_correction="hook", float64: step 1 v = (1-b2) S^2 from the
+    buffer; later v = b2 v + (1-b2) w sum_j g_j^2 (HMAdamW, decoupled decay)."""
+    b1, b2 = betas
+    W = [p.detach().clone().double() for p in params]
+    B = [torch.zeros_like(x) for x in W]
+    v = [torch.zeros_like(x) for x in W]
+    for t, per_step in enumerate(micro, start=1):
+        for i in range(len(W)):
+            gs = [g[i] for g in per_step]
+            B[i] = b1 * B[i] + sum(gs)
+            m = (1 - b1) * B[i]
+            v[i] = (1 - b2) * B[i] ** 2 if t == 1 else b2 * v[i] + (1 - b2) * w * sum(g**2 for g in gs)
+            W[i] = W[i] * (1 - lr * weight_decay) - lr * (m / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps)
+    return W, v
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_hook_under_accumulation_is_the_mean_square_of_the_micro_batch_gradients(accumulation):
+    steps, hp = 60, dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    params = make_params()
+    grads = [micro_grads(p.shape, steps, accumulation, seed=i) for i, p in enumerate(params)]
+    micro = [[[grads[i][t][k] / accumulation for i in range(len(params))] for k in range(accumulation)]
+             for t in range(steps)]  # fmt: skip  (what each mean-loss backward adds: g_j = G_j / k)
+    W, v = _hook_reference(params, micro, w=accumulation, **hp)
+    opt = run(HMAdamW, params, grads, accumulation, [hp["lr"]] * steps, variance_correction="hook", fused=False,
+              betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])  # fmt: skip
+    for i, p in enumerate(params):
+        assert_rel(p, W[i], 1e-12)
+        assert_rel(opt.state[p]["exp_avg_sq"], v[i], 1e-12)
+    assert all(s["variance_micro_batches"] == accumulation for s in opt.state_dict()["state"].values())
+    # Never below AdamW's increment: w sum g_j^2 >= (sum g_j)^2 (Cauchy-Schwarz), equal for equal micro-batches.
+    same = [[[grads[i][t][0] / accumulation for i in range(len(params))]] * accumulation for t in range(steps)]
+    W_same, _ = _hook_reference(params, same, w=accumulation, **hp)
+    W_adamw, _ = _hook_reference(params, [[[sum(m[i] for m in s) for i in range(len(params))]] for s in same],
+                                 w=1, **hp)  # fmt: skip  (one backward of the whole batch: AdamW)
+    for a, b in zip(W_same, W_adamw):
+        assert_rel(a, b, 1e-12)
+
+
+def test_hook_equal_micro_batches_step_exactly_like_adamw_on_the_whole_batch():
+    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, theirs = _tied_pair(torch.float64)
+    opt = HMAdamW(_groups(ours), variance_correction="hook", fused=False, **hp)
+    ref = torch.optim.AdamW(_groups(theirs), foreach=False, **hp)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(40):
+        ids = torch.randint(0, 11, (8, 5), generator=gen)
+        opt.zero_grad()
+        for _ in range(3):  # the same micro-batch three times, mean loss
+            _loss(ours, ids, accumulation=3).backward()
+        opt.step()
+        ref.zero_grad()
+        _loss(theirs, ids).backward()
+        ref.step()
+    assert max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters())) < 1e-12
+
+
+def test_hook_micro_batch_count_is_the_largest_so_far_and_a_short_last_window_keeps_it():
+    p = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = HMAdamW([p], variance_correction="hook", fused=False)
+    counts = []
+    for passes in (4, 4, 2, 4, 1):  # Lightning's last window of an epoch can be shorter
+        opt.zero_grad()
+        for _ in range(passes):
+            (p * torch.randn(4, dtype=torch.float64)).sum().backward()
+        opt.step()
+        counts.append(opt.state_dict()["state"][0]["variance_micro_batches"])
+    assert counts == [4, 4, 4, 4, 4]
+
+
+def test_hook_v_sees_only_what_enters_grad_and_hooks_leave_with_the_optimizer():
+    import gc
+
+    p = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = HMAdamW([p], variance_correction="hook", fused=False)
+    for _ in range(2):
+        opt.zero_grad()
+        (p**2).sum().backward()
+        opt.step()
+    v = opt.state[p]["exp_avg_sq"].clone()
+    torch.autograd.grad((p**3).sum(), [p])  # a gradient that never reaches .grad
+    assert torch.equal(opt.state[p]["exp_avg_sq"], v)
+    assert len(p._backward_hooks) == 1 and len(p._post_accumulate_grad_hooks) == 1
+    del opt
+    gc.collect()
+    assert not p._backward_hooks and not p._post_accumulate_grad_hooks
+    HMAdamW([p], fused=False)  # the other corrections register nothing
+    assert not p._backward_hooks
+
+
+def test_hook_refuses_what_its_hooks_cannot_see(monkeypatch):
+    import torch.distributed as dist
+
+    p = nn.Parameter(torch.randn(3))
+    opt = HMAdamW([p], variance_correction="hook", fused=False)
+    p.sum().backward()
+    opt.step()  # step 1: v from the buffer
+    p.grad.add_(1.0)  # written by hand: no hook saw it
+    with pytest.raises(RuntimeError, match="no gradient reached its hooks since the last step"):
+        opt.step()
+    p.sum().backward()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"variance_correction='hook'.*world size 2.*variance_correction to noise"):
+        opt.step()  # a plain PyTorch DDP loop
+    assert torch.equal(p.detach(), before)  # refused before any tensor moved
+    monkeypatch.undo()
+    q = nn.Parameter(torch.randn(2))
+    switched = HMAdamW([q], fused=False)
+    switched.param_groups[0]["variance_correction"] = "hook"
+    q.sum().backward()
+    with pytest.raises(RuntimeError, match="switched to variance_correction='hook' after"):
+        switched.step()
+
+
+def test_hook_refuses_dtensor_params(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    p = nn.Parameter(distribute_tensor(torch.randn(4, 2), one_rank_mesh, [Shard(0)]))
+    opt = HMAdamW([p], variance_correction="hook", fused=False)
+    (p * 2).sum().backward()
+    with pytest.raises(RuntimeError, match=r"not with DTensor parameters \(FSDP2\)"):
+        opt.step()
+
+
+def test_hook_checkpoint_mid_accumulation_resumes_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    data = [torch.randn(2, 3, 4) for _ in range(8)]
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Linear(4, 2)
+        return model, HMAdamW(model.parameters(), lr=1e-2, variance_correction="hook", fused=False)
+
+    def micro(model, x):
+        (model(x).pow(2).mean() / 2).backward()
+
+    a, opt_a = make()
+    b, opt_b = make()
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for t, x in enumerate(data):
+            opt.zero_grad()
+            micro(model, x[0])
+            if model is b and t == 5:  # save between the two micro-batches of step 6
+                torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "mid.pt")
+                break
+            micro(model, x[1])
+            opt.step()
+    c, opt_c = make()
+    ckpt = torch.load(tmp_path / "mid.pt", weights_only=True)
+    c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    micro(c, data[5][1])
+    opt_c.step()
+    for x in data[6:]:
+        opt_c.zero_grad()
+        micro(c, x[0])
+        micro(c, x[1])
+        opt_c.step()
+    for pa, pc in zip(a.parameters(), c.parameters()):
+        assert torch.equal(pa, pc) and torch.equal(pa.grad, pc.grad)
+        assert torch.equal(opt_a.state[pa]["exp_avg_sq"], opt_c.state[pc]["exp_avg_sq"])
+
+
+def test_resume_bit_for_bit_hook_with_accumulation(tmp_path):
+    _resume_run(tmp_path, torch.float32, {"fused": False, "variance_correction": "hook"})

@@ -122,6 +122,13 @@ class LowMemOptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
 
+    def loop_refusal(self, *, world_size: int, grad_scaler: bool, sharded: bool) -> str | None:
+        """Why this optimizer *as configured* (an option of its groups, which the class-level
+        :class:`Capabilities` cannot say) cannot run with ``world_size`` processes, an fp16
+        GradScaler or sharded (FSDP2) parameters; None when it can. Checked at fit start by
+        :func:`lowmem.strategies.checks.check_trainer`; here: always None."""
+        return None
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Backfill defaults added in later versions so old checkpoints still load; torch's own
         # __setstate__ adds "differentiable" to the defaults, which is not ours to add to groups.

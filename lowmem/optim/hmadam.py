@@ -18,10 +18,21 @@ Step ``t`` (``t`` counts from 1; ``wd`` the weight decay)::
 Units: ``B`` is in gradient units times ``1/(1 - b1)`` (for a constant gradient g, B -> g/(1-b1));
 ``m`` and ``v`` are in Adam's units (gradient and gradient squared), so lr, eps and weight decay
 mean what they mean for AdamW.
+
+``variance_correction="hook"`` estimates ``v`` from the incoming gradient instead of from ``B``:
+a hook on each parameter sees the gradient ``g`` of every backward pass before autograd adds it
+into ``B`` and updates ``v = b2 v + (1 - b2) w g^2`` (``w`` the number of backward passes per
+step, 1 without accumulation; HMAdam: ``(1 - b2)(w g^2 + 2 wd W g)`` per pass plus
+``(1 - b2) wd^2 W^2`` at the step, i.e. ``(g + wd W)^2`` for one pass). The first step takes
+``v = (1 - b2) B^2`` from the buffer, which is exactly AdamW's. With one backward pass per step
+and one process this is AdamW's (HMAdam: Adam-with-L2's) trajectory, with ``v`` as the only
+state tensor; under accumulation ``v`` is the mean of the squared micro-batch gradients (see
+:class:`HMAdam`); multi-process runs and fp16 loss scaling are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Iterable
@@ -36,7 +47,7 @@ from lowmem.optim._fast import FusedForeach, check_fused, local_tensor, use_fast
 
 __all__ = ["HMAdam", "HMAdamW", "hmadam", "variance_scale"]
 
-VARIANCE_CORRECTIONS = ("noise", "stationary", "none")
+VARIANCE_CORRECTIONS = ("noise", "stationary", "none", "hook")
 
 
 def variance_scale(kind: str, beta1: float, step: float) -> float:
@@ -45,7 +56,11 @@ def variance_scale(kind: str, beta1: float, step: float) -> float:
     ``"noise"``: ``(1+b1) / ((1-b1)(1-b1^(2t)))``, exact for zero-mean gradients at every step and
     exact at ``t = 1`` for any gradient; over-estimates ``v`` by up to ``(1+b1)/(1-b1)`` (19 for
     b1 = 0.9) for a pure signal. ``"stationary"``: its limit ``(1+b1)/(1-b1)``. ``"none"``: 1.
+    ``"hook"``: ``"noise"``'s factor at ``t = 1`` (``1/(1-b1)^2``: ``c m^2 = B^2``, AdamW's ``g^2``),
+    0 afterwards: from step 2 on the gradient hooks have already updated ``v``.
     """
+    if kind == "hook":
+        return 1 / (1 - beta1) ** 2 if step == 1 else 0.0
     if kind == "noise":
         return (1 + beta1) / ((1 - beta1) * (1 - beta1 ** (2 * step)))
     if kind == "stationary":
@@ -98,6 +113,35 @@ class HMAdam(LowMemOptimizer):
       the momentum lives in ``.grad``, i.e. in the parameter's dtype: with bf16 parameters the
       EMA of the gradient is rounded to bf16 (8 bits of mantissa) at every decay and
       accumulation, which is coarser than AdamW's fp32 ``exp_avg``.
+    * **variance_correction="hook"** (AdamW's own ``v``). Each parameter of a ``"hook"`` group
+      gets a tensor hook and a post-accumulate-grad hook: the first keeps the incoming gradient
+      ``g`` of a backward pass, the second, once autograd has added ``g`` into ``B``, updates
+      ``v`` from it (decaying ``v`` by ``b2`` at the first pass of each step), so ``v`` sees
+      exactly what enters ``.grad`` (``torch.autograd.grad`` calls do not reach it). ``step()``
+      then uses ``v`` as it is; the first step of a parameter takes ``v = (1 - b2) B^2`` instead
+      (AdamW's ``v`` at ``t = 1`` even under accumulation). Without accumulation, in one process,
+      the trajectory is AdamW's (HMAdam: ``torch.optim.Adam`` with ``weight_decay``'s coupled
+      L2) to rounding; between steps ``exp_avg_sq`` is AdamW's ``exp_avg_sq``.
+
+      *Accumulation* (``w`` backward passes per step): a hook cannot see the sum of a step's
+      micro-batch gradients, only each one, so ``v`` takes their mean square in step units,
+      ``v = b2 v + (1 - b2) w sum_j g_j^2`` (``g_j`` as added to ``.grad``, i.e. already divided
+      by ``w`` by a mean loss; ``w g_j`` is micro-batch j's own mean gradient). It equals AdamW's
+      ``(sum_j g_j)^2`` when the micro-batches agree and is never below it
+      (Cauchy-Schwarz): the signal is AdamW's, the noise counts as that of one micro-batch, so
+      in a low-SNR phase steps are up to ``sqrt(w)`` smaller than AdamW's, never larger. ``w`` is
+      the largest number of backward passes any step has had so far (1 before the first step;
+      learnt at the first step, whose ``v`` comes from ``B``; a shorter last accumulation of an
+      epoch keeps it), saved in the state dict. *Refused*: more than one process (DDP: the
+      hooks see each rank's local gradient before the all-reduce, so ``v`` would differ
+      between ranks and the weights drift apart; averaging ``v`` too would double the
+      communication and still count per-rank noise), DTensor parameters (FSDP2 writes reduced
+      shards into ``.grad`` past autograd), fp16 loss scaling (the hooks would square scaled,
+      on overflow infinite, gradients), a step with gradients none of which came through
+      autograd since the last step (``.grad`` written by hand), and a group switched to
+      ``"hook"`` after its parameters were added. Momentum clipping clips ``B``, not ``v``
+      (AdamW's clipping clips the gradient ``v`` sees). Hooks are removed when the optimizer
+      is garbage-collected; a deep copy registers its own on the copied parameters.
     * **Not for** an fp16 ``GradScaler`` as is (``unscale_`` divides the whole history; a scaler
       aware integration uses :meth:`scale_momentum_`), gradient-compression DDP hooks, or
       optimizer-in-backward schemes that free gradients.
@@ -108,8 +152,9 @@ class HMAdam(LowMemOptimizer):
         betas: ``(b1, b2)``: decay of the momentum buffer and of ``v``, each in [0, 1).
         eps: added to ``sqrt(v_hat)``, gradient units.
         weight_decay: coupled L2 for HMAdam, decoupled (times lr) for HMAdamW.
-        variance_correction: ``"noise"`` (default), ``"stationary"`` or ``"none"``; see
-            :func:`variance_scale`.
+        variance_correction: ``"noise"`` (default), ``"stationary"`` or ``"none"``: ``v`` from
+            ``c m^2`` (:func:`variance_scale`); ``"hook"``: ``v`` from the incoming gradients
+            through per-parameter hooks (AdamW's ``v``; single process, see above).
         fused: ``True`` runs the step as one fused kernel with no parameter-sized temporaries:
             hand-written C for float32 contiguous CPU tensors (``lowmem.optim._native``, built on
             first use in ~0.3 s), else ``torch.compile``'d (``lowmem.optim._fast``; the first step
@@ -157,9 +202,17 @@ class HMAdam(LowMemOptimizer):
             state_in_param_dtype=state_in_param_dtype,
             max_momentum_norm=max_momentum_norm,
         )
+        self._init_hook_registry()
         super().__init__(params, defaults)
         self._decay_pending = True  # zero_grad() must still decay: no step() since the last decay
         self._seen: dict[Tensor, tuple[weakref.ref, int]] = {}  # param -> (its buffer, data_ptr)
+        self._sync_hooks()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``Optimizer.add_param_group``; a ``"hook"`` group's parameters get their gradient hooks."""
+        super().add_param_group(param_group)
+        if "_hooks" in self.__dict__:
+            self._sync_hooks()
 
     # ------------------------------------------------------------------------------- the step
     def _init_group(self, group_index: int, group: dict[str, Any], first_index: int) -> tuple[list, list, list, list]:
@@ -194,6 +247,8 @@ class HMAdam(LowMemOptimizer):
         for i, group in enumerate(self.param_groups):
             collected.append(self._init_group(i, group, first))
             first += len(group["params"])
+        hook_pending = self._check_hook_groups(collected)
+        self._finish_hook_v(hook_pending)
         clip = any(g["max_momentum_norm"] is not None for g in self.param_groups)
         total_norm = self.momentum_norm() if clip else None
         total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
@@ -219,7 +274,117 @@ class HMAdam(LowMemOptimizer):
             )
         self._decay_pending = False
         self._remember_buffers()
+        if self._hook_calls:
+            self._micro_batches = max(self._micro_batches, *self._hook_calls.values())
+            self._hook_calls.clear()
+        self._incoming.clear()  # gradients of torch.autograd.grad calls, never accumulated
+        self._sync_hooks()
         return loss
+
+    # ------------------------------------------------------------- variance_correction="hook"
+    def _init_hook_registry(self) -> None:
+        self._hooks: dict[Tensor, tuple[Any, Any]] = {}  # param -> its two hook handles
+        self._hook_group: dict[Tensor, dict[str, Any]] = {}  # hooked param -> its group
+        self._incoming: dict[Tensor, Tensor] = {}  # param -> the gradient autograd is adding
+        self.__dict__.setdefault("_hook_calls", {})  # param -> backward passes since the last step
+        self.__dict__.setdefault("_micro_batches", 1)  # w: the most backward passes of any step
+        weakref.finalize(self, _remove_hooks, self._hooks)
+
+    def _sync_hooks(self) -> None:
+        """Hook every parameter of a ``"hook"`` group that is not hooked yet, and map each hooked
+        parameter to its group (``load_state_dict`` replaces the group dicts)."""
+        self._hook_group = {}
+        me = weakref.ref(self)
+        for group in self.param_groups:
+            if group["variance_correction"] != "hook":
+                continue
+            for p in group["params"]:
+                self._hook_group[p] = group
+                if p not in self._hooks and p.requires_grad:
+                    self._hooks[p] = (
+                        p.register_hook(functools.partial(_keep_incoming, me, weakref.ref(p))),
+                        p.register_post_accumulate_grad_hook(functools.partial(_after_accumulation, me)),
+                    )
+
+    @torch.no_grad()
+    def _update_v(self, p: Tensor, grad: Tensor) -> None:
+        """One backward pass's gradient ``grad`` of ``p`` has entered ``B``: add it to ``v``."""
+        calls = self._hook_calls.get(p, 0)
+        self._hook_calls[p] = calls + 1
+        group = self._hook_group.get(p)
+        state = self.state.get(p)
+        if group is None or group["variance_correction"] != "hook" or not state or state["step"].item() == 0:
+            return  # no step yet: the first step takes v from B
+        v = state["exp_avg_sq"]
+        beta2 = group["betas"][1]
+        if calls == 0:
+            v.mul_(beta2)
+        g = grad.detach().to(v.dtype)
+        w = float(self._micro_batches)
+        wd = group["weight_decay"]
+        if wd != 0 and not self.decoupled_weight_decay:  # (g + wd W)^2 less wd^2 W^2, added at the step
+            v.addcmul_(g, g.mul(w).add_(p.detach().to(v.dtype), alpha=2 * wd), value=1 - beta2)
+        else:
+            v.addcmul_(g, g, value=(1 - beta2) * w)
+
+    def _check_hook_groups(self, collected: list) -> list[tuple[dict, Tensor, Tensor]]:
+        """Refuse what the hooks cannot see (before any tensor is touched); the ``(group, p, v)``
+        of hook-group parameters past their first step."""
+        name = type(self).__name__
+        pending, fed = [], False
+        for i, (group, (params, _, exp_avg_sqs, steps)) in enumerate(zip(self.param_groups, collected)):
+            if group["variance_correction"] != "hook":
+                continue
+            for p, v, s in zip(params, exp_avg_sqs, steps):
+                if p not in self._hooks:
+                    raise RuntimeError(
+                        f"{name}: param group {i} was switched to variance_correction='hook' after its parameters "
+                        "were added, so their gradients were never seen by a hook; set it in the constructor "
+                        "or in the group given to add_param_group"
+                    )
+                if local_tensor(p) is not p:
+                    raise RuntimeError(_refusal(name, "DTensor parameters (FSDP2)"))
+                if s.item() >= 1:
+                    pending.append((group, p, v))
+                    fed = fed or p in self._hook_calls
+        if pending:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                raise RuntimeError(_refusal(name, f"world size {dist.get_world_size()}"))
+            if not fed:
+                raise RuntimeError(
+                    f"{name}(variance_correction='hook'): no gradient reached its hooks since the last step, but "
+                    "the parameters have .grad: gradients were written into .grad without autograd's backward "
+                    "(by hand, FSDP2, an optimizer-in-backward scheme), or step() ran twice without a backward. "
+                    "Use variance_correction='noise' there."
+                )
+        return pending
+
+    @torch.no_grad()
+    def _finish_hook_v(self, pending: list[tuple[dict, Tensor, Tensor]]) -> None:
+        """Complete this step's ``v`` of hook parameters: decay it where no gradient came this step
+        (the parameter still steps, as for the other corrections), add HMAdam's ``(1-b2) wd^2 W^2``."""
+        for group, p, v in pending:
+            beta2, wd = group["betas"][1], group["weight_decay"]
+            if p not in self._hook_calls:
+                v.mul_(beta2)
+            if wd != 0 and not self.decoupled_weight_decay:
+                v.addcmul_(p, p, value=(1 - beta2) * wd * wd)
+
+    def loop_refusal(self, *, world_size: int, grad_scaler: bool, sharded: bool) -> str | None:
+        """Why this optimizer, as configured, cannot run with ``world_size`` processes, an fp16
+        GradScaler or sharded (FSDP2) parameters; None when it can (checked at fit start)."""
+        if not any(g["variance_correction"] == "hook" for g in self.param_groups):
+            return None
+        name = type(self).__name__
+        if world_size > 1:
+            return _refusal(name, f"world size {world_size}")
+        if sharded:
+            return _refusal(name, "FSDP2 (ModelParallelStrategy)")
+        if grad_scaler:
+            return _refusal(name, "an fp16 GradScaler")
+        return None
 
     # ---------------------------------------------------------------------- momentum handling
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -326,6 +491,9 @@ class HMAdam(LowMemOptimizer):
                         "momentum_buffer": p.grad.detach(),
                         "momentum_decay_pending": self._decay_pending,
                     }
+                if p in self._hook_group:  # variance_correction="hook": w, and this step's passes so far
+                    state[index] = {**state.get(index, {}), "variance_micro_batches": self._micro_batches,
+                                    "variance_hook_calls": self._hook_calls.get(p, 0)}  # fmt: skip
                 index += 1
         sd["state"] = state
         return sd
@@ -334,12 +502,14 @@ class HMAdam(LowMemOptimizer):
         """Load ``v`` and ``step`` with their saved dtype and copy each ``momentum_buffer`` back
         into ``p.grad`` (into the existing buffer, else a new one): never into the saved tensor,
         which may be another optimizer's live buffer."""
-        momenta, state, pending = {}, {}, True
+        momenta, state, pending, calls, micro_batches = {}, {}, True, {}, 1
         for key, entry in state_dict["state"].items():
             entry = dict(entry)
             if "momentum_buffer" in entry:
                 momenta[key] = entry.pop("momentum_buffer")
             pending = bool(entry.pop("momentum_decay_pending", pending))
+            micro_batches = max(micro_batches, int(entry.pop("variance_micro_batches", 1)))
+            calls[key] = int(entry.pop("variance_hook_calls", 0))
             if entry:
                 state[key] = entry
         super()._load_state({**state_dict, "state": state})
@@ -364,15 +534,23 @@ class HMAdam(LowMemOptimizer):
                     p.grad = buf.detach().to(device=p.device, dtype=p.dtype, copy=True)
         self._decay_pending = pending
         self._remember_buffers()
+        self._micro_batches = micro_batches
+        self._hook_calls = {params[key]: n for key, n in calls.items() if n > 0}
+        self._incoming.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        # The momentum travels with deepcopy/pickle (Parameter.__deepcopy__ drops .grad).
+        # The momentum travels with deepcopy/pickle (Parameter.__deepcopy__ drops .grad); hooks do
+        # not (they belong to the original parameters): __setstate__ registers the copy's own.
         momentum = [p.grad for g in self.param_groups for p in g["params"]]
-        return {**super().__getstate__(), "_decay_pending": self._decay_pending, "_momentum": momentum}
+        return {**super().__getstate__(), "_decay_pending": self._decay_pending, "_momentum": momentum,
+                "_micro_batches": self._micro_batches, "_hook_calls": self._hook_calls}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         momentum = state.pop("_momentum", None)
         super().__setstate__(state)
+        if "_hooks" not in self.__dict__:  # a copy or an unpickled optimizer (load_state_dict keeps them)
+            self._init_hook_registry()
+        self._sync_hooks()
         self.__dict__.setdefault("_decay_pending", True)
         if momentum is not None:
             params = [p for g in self.param_groups for p in g["params"]]
@@ -413,6 +591,39 @@ class HMAdamW(HMAdam):
             state_in_param_dtype=state_in_param_dtype,
             max_momentum_norm=max_momentum_norm,
         )
+
+
+# ------------------------------------------------------------------ variance_correction="hook"
+def _refusal(name: str, what: str) -> str:
+    return (
+        f"{name}(variance_correction='hook') runs in one process on plain tensors without loss scaling, not with "
+        f"{what}: its hooks see each backward pass's gradient as autograd adds it into .grad (before DDP's "
+        "all-reduce, past FSDP2's reduce-scatter, times an fp16 loss scale). Set "
+        "model.init_args.optimizer.init_args.variance_correction to noise (or stationary/none) there."
+    )
+
+
+def _keep_incoming(opt_ref: weakref.ref, p_ref: weakref.ref, grad: Tensor) -> None:
+    """Tensor hook: the gradient autograd is about to add into ``p.grad``."""
+    opt, p = opt_ref(), p_ref()
+    if opt is not None and p is not None and not grad.is_sparse:  # sparse: step() raises the clear error
+        opt._incoming[p] = grad
+
+
+def _after_accumulation(opt_ref: weakref.ref, p: Tensor) -> None:
+    """Post-accumulate-grad hook: the kept gradient is now in ``B``; ``v`` takes it."""
+    opt = opt_ref()
+    if opt is not None:
+        grad = opt._incoming.pop(p, None)
+        if grad is not None:
+            opt._update_v(p, grad)
+
+
+def _remove_hooks(hooks: dict) -> None:
+    for handles in hooks.values():
+        for handle in handles:
+            handle.remove()
+    hooks.clear()
 
 
 # ------------------------------------------------------------------------ functional core
@@ -469,7 +680,8 @@ def _single_tensor_hmadam(
             b.add_(param, alpha=weight_decay)  # coupled L2 enters the history, like Adam's g + wd W
         m = b * (1 - beta1)
         c = variance_scale(variance_correction, beta1, step)
-        exp_avg_sq.mul_(beta2).addcmul_(m, m, value=(1 - beta2) * c)
+        if c != 0:  # "hook" after the first step: the hooks have updated v already
+            exp_avg_sq.mul_(beta2).addcmul_(m, m, value=(1 - beta2) * c)
         if decoupled:
             param.mul_(1 - lr * weight_decay)
         bias_correction1 = 1 - beta1**step
@@ -525,12 +737,13 @@ def _fused_hmadam(
     if not params:  # a group whose parameters all have no gradient
         return
     for step, indices in step_groups(state_steps).items():
+        c = variance_scale(variance_correction, beta1, step)
         scalars = {
             "clip_coef": 1.0 if clip_coef is None else clip_coef,
             "l2": 0.0 if decoupled else weight_decay,
             "one_minus_beta1": 1 - beta1,
-            "beta2": beta2,
-            "v_scale": (1 - beta2) * variance_scale(variance_correction, beta1, step),
+            "beta2": beta2 if c != 0 else 1.0,  # c = 0: "hook" after step 1, v = 1 v + 0 m^2 as the hooks left it
+            "v_scale": (1 - beta2) * c,
             "param_decay": 1 - lr * weight_decay if decoupled else 1.0,
             "step_size": lr / (1 - beta1**step),
             "inv_bias_correction2_sqrt": 1 / math.sqrt(1 - beta2**step),

@@ -106,6 +106,13 @@ def check_trainer(trainer: Any, caps: Capabilities, name: str, single_process: b
             f"{name} cannot run with an fp16 GradScaler ({type(plugin).__name__}): its statistics see the "
             "loss-scaled gradients that the scaler's unscale_ never reaches. Use precision bf16-mixed (or 32-true)."
         )
+    # Options of a built optimizer that rule a loop out (HMAdamW's variance_correction="hook": one process).
+    for optimizer in getattr(trainer, "optimizers", None) or ():
+        refusal = getattr(getattr(optimizer, "optimizer", optimizer), "loop_refusal", None)
+        message = refusal(world_size=trainer.world_size, grad_scaler=scaler is not None,
+                          sharded=isinstance(strategy, ModelParallelStrategy)) if callable(refusal) else None  # fmt: skip
+        if message:
+            raise StrategyError(message)
 
 
 def clip_gradients(module: Any, optimizer: Optimizer, clip_val: float | None, algorithm: str | None) -> None:
