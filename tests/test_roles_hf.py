@@ -179,3 +179,17 @@ def test_timm_vit_resnet_convnext():
     assert_roles(convnext, {"stem.0.weight": "conv", "**.conv_dw.weight": "conv", "**.mlp.fc*.weight": "conv",
                             "**.downsample.1.weight": "conv", "**.downsample.0.*": "norm", "**.gamma": "norm",
                             "stem.1.*": "norm", "head.fc.weight": "classifier"})  # fmt: skip
+
+
+def test_the_hf_causal_lm_example_trains_under_lowmem_fit(T, monkeypatch, tmp_path, capsys):
+    from pathlib import Path
+
+    from lowmem.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", "examples/hf_causal_lm.yaml", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+              "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert "step 3: val/loss=" in capsys.readouterr().out
+    assert not [w for w in caught if "role 'other'" in str(w.message)]
