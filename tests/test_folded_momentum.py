@@ -404,3 +404,29 @@ def test_hook_variance_is_refused_at_fit_start_where_its_hooks_cannot_see_the_gr
         assert "model.init_args.optimizer.init_args.variance_correction to noise" in str(info.value)
         check("noise", **kwargs)
     check("hook", strategy=DDPStrategy(), world_size=1)
+
+
+# ------------------------------------------------------------- 8. the end-of-fit memory summary
+def test_fit_memory_summary_counts_the_grad_buffer_and_shows_the_accumulation_saving():
+    """What `lowmem fit` prints last: HMAdamW's state is half of AdamW's, its persistent .grad
+    buffer makes state + buffers equal, and under accumulation (AdamW holds grads, m and v through
+    the next micro-batch's forward) HMAdamW's peak of tensor bytes is below AdamW's by about one
+    parameter-sized tensor."""
+    from lowmem.cli.memory import fit_memory_rows, fit_memory_summary
+
+    model = cnn(HMAdamW(lr=3e-3))
+    t = trainer(max_steps=2, accumulate_grad_batches=2, limit_val_batches=0)
+    dm = digits(BATCH)
+    t.fit(model, dm)
+    ours, adamw, k = fit_memory_rows(t, model, dm)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert k == 2 and ours["name"] == "HMAdamW" and adamw["name"] == "AdamW"
+    assert ours["params"] == adamw["params"] == n_bytes
+    assert ours["grad_buffers"] == n_bytes and adamw["grad_buffers"] == 0
+    assert adamw["state"] - ours["state"] == n_bytes  # AdamW's m (both: v and 0-d step counters)
+    assert ours["persistent"] == adamw["persistent"]
+    assert 0.9 * n_bytes <= adamw["peak"] - ours["peak"] <= 1.1 * n_bytes
+    text = fit_memory_summary(t, model, dm)
+    lines = text.splitlines()
+    assert len(lines) == 4 and all(line.startswith("lowmem fit:") for line in lines)
+    assert "2 micro-batches" in lines[0] and "HMAdamW vs AdamW: optimizer state 50." in lines[3]

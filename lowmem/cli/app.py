@@ -304,6 +304,12 @@ class LowMemCLI(LightningCLI):
     def after_fit(self) -> None:
         self._validate_if_none_ran()
         self._report("fit")
+        if self.trainer.is_global_zero and not self.trainer.interrupted:  # what the run held, against AdamW
+            from lowmem.cli.memory import fit_memory_summary
+
+            summary = fit_memory_summary(self.trainer, self.model, self.datamodule)
+            if summary:
+                print(summary)
 
     def _validate_if_none_ran(self) -> None:
         """A fit that ended before its first validation (``max_steps`` below ``val_check_interval``)
