@@ -206,10 +206,10 @@ def test_one_process_at_half_the_batch_ends_elsewhere(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------- FSDP2 distributed checkpoints
-def _checkpointed_config(path: Path, optimizer: str) -> Path:
+def _checkpointed_config(path: Path, optimizer: str, family: str = "cnn") -> Path:
     """``write_config`` plus a ModelCheckpoint every 3 steps (distributed checkpoints: one folder
     with a shard file per rank, the default of ModelParallelStrategy)."""
-    config = yaml.safe_load(write_config(path, optimizer).read_text())
+    config = yaml.safe_load(write_config(path, optimizer, family).read_text())
     config["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                        "init_args": {"every_n_train_steps": 3, "save_top_k": -1, "filename": "{step}"}}]  # fmt: skip
     path.write_text(yaml.safe_dump(config))
@@ -239,13 +239,14 @@ FSDP2_SHARDED = ["--trainer.strategy=lightning.pytorch.strategies.ModelParallelS
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("optimizer", ["HMAdamW", "AdamMini"])
-def test_fsdp2_distributed_checkpoint_resumes_bit_for_bit_on_two_ranks(optimizer, tmp_path):
+@pytest.mark.parametrize(("optimizer", "family"), [("HMAdamW", "cnn"), ("AdamMini", "cnn"), ("Adafactor", "cnn"),
+                                                  ("AdaPM", "lm"), ("IOAdam", "lm")])  # fmt: skip
+def test_fsdp2_distributed_checkpoint_resumes_bit_for_bit_on_two_ranks(optimizer, family, tmp_path):
     """Uninterrupted 6 steps against a resume from the step-3 checkpoint (both on 2 ranks): the
     parameters, HMAdamW's momentum (saved from the sharded .grad), v, the step counts, the RNG
     stream and the loop state in the final distributed checkpoints are identical."""
-    config = _checkpointed_config(tmp_path / "config.yaml", optimizer)
-    LAUNCHES["fsdp2-sharded"] = FSDP2_SHARDED
+    config = _checkpointed_config(tmp_path / "config.yaml", optimizer, family)
+    LAUNCHES["fsdp2-sharded"] = FSDP2_SHARDED if family == "cnn" else FSDP2_SHARDED[:-1]  # no CNN widths
     try:
         assert run_two_ranks(config, tmp_path, "fsdp2-sharded").returncode == 0
         ckpts = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
@@ -261,6 +262,9 @@ def test_fsdp2_distributed_checkpoint_resumes_bit_for_bit_on_two_ranks(optimizer
     if optimizer == "HMAdamW":
         buffers = [entry["momentum_buffer"] for entry in state.values()]
         assert len(buffers) == len(a["state_dict"]) and all(bool(buf.abs().sum() > 0) for buf in buffers)
+    if optimizer == "AdaPM":  # the low-rank factors (sharded L, whole R) and the q/k/v parts were saved
+        keys = {key for entry in state.values() for key in entry}
+        assert {"factor_L", "factor_R", "factor_L_q", "factor_R_k", "exp_avg_v"} <= keys, keys
     meta = torch.load(ckpts / "step=6.ckpt" / "meta.pt", weights_only=False)
     assert meta["global_step"] == STEPS and len(meta["lowmem_rng_stream"]["cpu"]) == 2  # one RNG state per rank
 
