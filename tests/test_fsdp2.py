@@ -58,17 +58,23 @@ class Conv1DMlp(nn.Module):
         return self.net(x)
 
 
-class Blocks(nn.Module):
-    """One parameter per Adam-mini block kind, each used in the output."""
+class RandomParams(nn.Module):
+    """Parameters of ``SHAPES`` (name -> shape), seeded, scaled to 0.5."""
 
-    SHAPES = {"head": (6, 7), "qkv": (12, 7), "conv1d": (7, 5), "rows": (7, 7), "tiny": (1, 7), "norm": (7,),
-              "bias": (3,)}  # fmt: skip
+    SHAPES: dict[str, tuple[int, ...]] = {}
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         for name, shape in self.SHAPES.items():
             self.register_parameter(name, nn.Parameter(torch.randn(shape) * 0.5))
+
+
+class Blocks(RandomParams):
+    """One parameter per Adam-mini block kind, each used in the output."""
+
+    SHAPES = {"head": (6, 7), "qkv": (12, 7), "conv1d": (7, 5), "rows": (7, 7), "tiny": (1, 7), "norm": (7,),
+              "bias": (3,)}  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x * self.norm
@@ -94,7 +100,7 @@ class Kernels(nn.Module):
         return ((x @ self.weight).tanh() * self.scale).sum(1, keepdim=True) + h.sum(1, keepdim=True) + self.bias
 
 
-class Momenta(nn.Module):
+class Momenta(RandomParams):
     """One parameter per AdaPM momentum kind and layout: low-rank with 7 rows (uneven shards), low-rank
     with fan-out dim 1, fused q/k/v cut along dim 0 (the sharded dim: k straddles the ranks) and
     along dim 1, a low-rank row smaller than the world, no momentum, full momentum, a vector."""
@@ -102,12 +108,6 @@ class Momenta(nn.Module):
     SHAPES = {"low": (7, 6), "low_t": (7, 5), "qkv": (12, 7), "qkv_t": (7, 12), "tiny": (1, 7), "none": (5, 7),
               "full": (5, 7), "norm": (7,)}  # fmt: skip
     FAN_OUT_1 = ("low_t", "qkv_t")  # used as x @ W: dim 1 is the fan-out
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        for name, shape in self.SHAPES.items():
-            self.register_parameter(name, nn.Parameter(torch.randn(shape) * 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x * self.norm
