@@ -60,6 +60,12 @@ class DiffusionModel(LowMemModule):
         sample_every_n_epochs: write a grid of ``n_samples`` samples to TensorBoard every n
             validation epochs (0 disables).
         n_samples: samples in that grid.
+        denoiser: your noise-prediction network instead of lowmem's U-Net (e.g. a diffusers
+            ``UNet2DModel``), called as ``denoiser(x_t, t)`` with ``x_t`` (N, C, H, W) and ``t`` the
+            integer timesteps (N,); it returns the predicted noise with ``x_t``'s shape, or an
+            output with a ``.sample`` of it (diffusers), or a tuple whose first item it is.
+            ``channels`` and ``time_dim`` then do not apply; ``in_channels`` and ``image_size``
+            still set the images it gets. In YAML: ``denoiser: {class_path: ..., init_args: ...}``.
         optimizer, lr_scheduler, monitor: see :class:`LowMemModule`.
     """
 
@@ -75,15 +81,20 @@ class DiffusionModel(LowMemModule):
         seed: int = 0,
         sample_every_n_epochs: int = 1,
         n_samples: int = 16,
+        denoiser: torch.nn.Module | None = None,
         optimizer: OptimizerArg = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         monitor: str = "val/loss",
     ) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, monitor=monitor)
-        check_unet_args(MODEL, in_channels, channels, time_dim)
+        if denoiser is not None and not isinstance(denoiser, torch.nn.Module):
+            raise config_error(MODEL + "denoiser", denoiser, "must be a torch.nn.Module",
+                               "give {class_path: diffusers.UNet2DModel, init_args: {...}} or null for lowmem's U-Net")  # fmt: skip
+        if denoiser is None:
+            check_unet_args(MODEL, in_channels, channels, time_dim)
         check_positive_int(MODEL + "image_size", image_size, fix="set the image side in pixels, e.g. 8 for digits")
         levels = 2 ** (len(channels) - 1)
-        if image_size % levels:
+        if denoiser is None and image_size % levels:
             example = levels * max(1, round(image_size / levels))
             raise config_error(MODEL + "image_size", image_size, f"must be divisible by 2**(len(channels)-1)={levels} "
                                f"(model.init_args.channels={list(channels)} halves the image {len(channels) - 1} "
@@ -99,8 +110,8 @@ class DiffusionModel(LowMemModule):
         check_nonnegative_int(MODEL + "sample_every_n_epochs", sample_every_n_epochs,
                               fix="set how many validation epochs apart to draw samples (0: never), e.g. 1")  # fmt: skip
         check_positive_int(MODEL + "n_samples", n_samples, fix="set the samples per grid, e.g. 16")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.unet = UNet(in_channels, tuple(channels), time_dim)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "denoiser"])
+        self.unet = UNet(in_channels, tuple(channels), time_dim) if denoiser is None else denoiser
         betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -115,7 +126,15 @@ class DiffusionModel(LowMemModule):
         check_matches_data(self, MODEL + "image_size", size, "image_size", "{0}x{0} images")
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, t)
+        out = self.unet(x_t, t)
+        out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)  # diffusers' outputs
+        if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
+            shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise config_error(MODEL + "denoiser", type(self.unet).__name__, f"returned {shown} for images of shape "
+                               f"{tuple(x_t.shape)}; it must predict the noise, one value per pixel",
+                               "set its input and output channels to model.init_args.in_channels and its sample "
+                               "size to model.init_args.image_size")  # fmt: skip
+        return out
 
     # --- randomness ----------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
