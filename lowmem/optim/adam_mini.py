@@ -277,9 +277,12 @@ def adam_mini_param_groups(
         keys = block_keys(info, head_dim, qkv_heads)
         if keys["block"] is None:
             raise ValueError(
-                f"adam_mini_param_groups: {info.name!r} is an attention {info.role.value} projection, which "
-                "Adam-mini splits into one block per head: pass n_heads= and dim= (and n_kv_heads= for "
-                "grouped-query attention)"
+                f"Adam-mini: {info.name!r} is an attention {info.role.value} projection, which Adam-mini splits "
+                "into one block per head, and the model states no head count: give your LowMemModule an "
+                "attention_shape() returning (n_heads, width) or (n_heads, width, n_kv_heads), or wrap a model "
+                "whose config has num_attention_heads and hidden_size; or give the parameter another role "
+                "(model.init_args.optimizer.init_args.role_overrides); in Python, "
+                "adam_mini_param_groups(model, n_heads=..., dim=...)"
             )
         return keys
 
