@@ -355,9 +355,9 @@ def test_rules_override_table_and_round_trip_through_json(tmp_path):
     model = NanoGPT()
     rules = {
         "transformer.h.0.attn.c_attn.weight": None,  # exact name beats the pattern below
-        "*.attn.c_attn.*": "fan_out",
-        "*.mlp.c_fc.weight": "fan_in",
-        "*.c_proj.weight": [1],
+        "**.attn.c_attn.*": "fan_out",  # `**.` spans the leading components, `*` one
+        "**.mlp.c_fc.weight": "fan_in",
+        "**.c_proj.weight": [1],
     }
     path = tmp_path / "rules.json"
     save_slim_rules(rules, path)
@@ -569,3 +569,15 @@ def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
     SlimAdamW([large]).step()
     SlimAdamW([large], fused=False).step()
     assert calls == [False, True, False]
+
+
+def test_rule_patterns_read_per_name_component():
+    """``*`` stays within one dotted component, as in role_overrides: ``layer.*.weight`` is the
+    weight of every layer, not also of a layer's sub-module."""
+    from lowmem.optim import slimadam_param_groups
+
+    model = nn.ModuleDict({"layer": nn.ModuleList([nn.Linear(4, 4), nn.ModuleDict({"sub": nn.Linear(4, 4)})])})
+    groups = slimadam_param_groups(model, rules={"layer.*.weight": [0], "**.sub.weight": None})
+    dims = {name: g["compress_dims"] for g in groups for name, _ in g["params"]}
+    assert dims["layer.0.weight"] == (0,)
+    assert dims["layer.1.sub.weight"] is None  # fnmatch's * would have given it [0]

@@ -85,9 +85,11 @@ def test_depth_patterns_only_where_they_reproduce_every_measured_rule():
     assert folded == {"h.2.a.w": None, "emb.w": "fan_in", "h.*.x.b.w": [0, 1], "h.*.a.w": "fan_in",
                       "h.*.b.w": "fan_out"}  # fmt: skip
     assert list(folded).index("h.*.x.b.w") < list(folded).index("h.*.b.w")  # the specific pattern matches first
-    # `h.*.w` would also be the first match of the unmeasured h.0.extra.w: exact names instead.
-    assert generalise_over_depth({"h.0.w": None, "h.1.w": None}, ["h.0.w", "h.1.w", "h.0.extra.w"]) == {
+    # `h.*.w` would also be the first match of the unmeasured h.n.w: exact names instead. (`*` is one
+    # name component, so the deeper h.0.extra.w is no match.)
+    assert generalise_over_depth({"h.0.w": None, "h.1.w": None}, ["h.0.w", "h.1.w", "h.n.w"]) == {
         "h.0.w": None, "h.1.w": None}  # fmt: skip
+    assert generalise_over_depth({"h.0.w": None, "h.1.w": None}, ["h.0.w", "h.1.w", "h.0.extra.w"]) == {"h.*.w": None}
 
 
 # ---------------------------------------------------------------- the command

@@ -1,8 +1,9 @@
 """Per-layer SlimAdam rules folded into patterns over depth, so they transfer to deeper models.
 
 Parameters that differ only in their layer index (``gpt.h.0.mlp.c_fc.weight``,
-``gpt.h.1.mlp.c_fc.weight``) form one group, named by the ``fnmatch`` pattern with every
-all-digit name component replaced by ``*`` (``gpt.h.*.mlp.c_fc.weight``). For each group:
+``gpt.h.1.mlp.c_fc.weight``) form one group, named by the glob pattern with every
+all-digit name component replaced by ``*`` (``gpt.h.*.mlp.c_fc.weight``; ``*`` stands for one
+name component, as everywhere in lowmem: :func:`lowmem.optim.roles.name_matches`). For each group:
 
 - every layer agrees: the pattern alone, with that rule;
 - layers disagree: each layer whose rule differs from the group's most common one keeps its exact
@@ -17,10 +18,10 @@ measured on a small model of a family applies to a larger one.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from lowmem.optim.roles import name_matches
 from lowmem.optim.slim_rules import Rule
 
 __all__ = ["depth_pattern", "generalise_over_depth"]
@@ -42,7 +43,7 @@ def _capturing(patterns: list[str], group_of: Mapping[str, str], names: list[str
     for name in names:
         if name in exact:
             continue
-        first = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        first = next((p for p in patterns if name_matches(p, name)), None)
         if first is not None and first != group_of.get(name):
             return first
     return None
@@ -51,7 +52,7 @@ def _capturing(patterns: list[str], group_of: Mapping[str, str], names: list[str
 def generalise_over_depth(rules: Mapping[str, Rule], names: Iterable[str]) -> dict[str, Rule]:
     """``rules`` (parameter name -> rule) as a rules file: exact names first, then depth patterns,
     the longest (most specific) first; a pattern that would be the first match of any name outside
-    its group (``*`` also matches dots) is dropped for its members' exact names.
+    its group is dropped for its members' exact names.
 
     Args:
         rules: one rule per parameter name of the measured model.

@@ -8,7 +8,7 @@ A *rule* says how to compress one parameter's second moment:
 - ``None``: no compression (plain AdamW);
 - a list of tensor dims, e.g. ``[0, 2]``: used as is.
 
-A *rules file* is a JSON object mapping parameter names, or ``fnmatch`` patterns on them, to
+A *rules file* is a JSON object mapping parameter names, or glob patterns on them, to
 rules: ``{"transformer.h.0.attn.c_attn.weight": "fan_in", "*.mlp.*.weight": "fan_out"}``.
 An exact name wins over patterns; among patterns the first match (in file order) wins.
 Parameters no rule matches get the role table's rule.
@@ -16,7 +16,6 @@ Parameters no rule matches get the role table's rule.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import json
 import math
@@ -28,7 +27,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from lowmem.optim.roles import ParamRole, Role, classify_parameters
+from lowmem.optim.roles import ParamRole, Role, classify_parameters, name_matches
 
 __all__ = [
     "ROLE_RULES",
@@ -96,7 +95,7 @@ def _rule_for(name: str, rules: Mapping[str, Rule], used: set[str]) -> tuple[boo
         used.add(name)
         return True, rules[name]
     for pattern, rule in rules.items():
-        if fnmatch.fnmatchcase(name, pattern):
+        if name_matches(pattern, name):
             used.add(pattern)
             return True, rule
     return False, None
