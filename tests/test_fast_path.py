@@ -206,6 +206,7 @@ def test_native_step_allocates_no_parameter_sized_temporary(opt_name):
         return float(out.stdout.split()[-1])
 
     assert growth("fused") < 8  # MiB: scratch of C floats only
-    # The control: ~130 MiB on an idle machine; 60 MiB was seen once while other test processes
-    # ran beside it. Still far above the fast path's bound.
-    assert growth("loop") > 32
+    # The control: ~130 MiB on an idle machine; 60 and 29 MiB were seen while other test processes
+    # ran beside it (the temporaries then partly reuse pages freed before `before`). Still at least
+    # twice the fast path's bound: the measurement sees parameter-sized temporaries.
+    assert growth("loop") > 16

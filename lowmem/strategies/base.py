@@ -36,7 +36,7 @@ class OptimizerStrategy:
     """Base class. Subclasses set ``optimizer_class`` and pass the optimizer's keyword arguments.
 
     Args:
-        role_overrides: ``{fnmatch pattern on parameter names: role}`` for layers the role
+        role_overrides: ``{glob pattern on parameter names (per name component): role}`` for layers the role
             classifier cannot read (see ``lowmem.optim.roles``).
         **hparams: keyword arguments of the optimizer.
     """
