@@ -359,3 +359,20 @@ def test_state_bytes_is_the_analytic_formula(second_moment: str) -> None:
     ratio = state_bytes(opt)["state"] / state_bytes(adamw)["state"]
     assert ratio == pytest.approx((v + momentum + n_tensors) / (2 * n_params + n_tensors))
     assert ratio < (0.75 if second_moment == "full" else 0.45)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_tied_embedding_follows_the_papers_gpt2_and_an_override_gives_it_the_heads_momentum(tie):
+    """AdaPM's GPT-2 124M (nanoGPT, tied head) gives the token embedding no momentum (its Table 1,
+    "Em: None"); a tied weight therefore keeps the embedding's kind unless role_overrides names it
+    the LM head, which gets full AdamW. Untied, the head has its own."""
+    from lowmem.lightning_modules import LanguageModel
+
+    lm = LanguageModel(block_size=8, n_layer=1, n_head=2, n_embd=16, tie_weights=tie)
+
+    def kinds(**kw):
+        return {name: g["momentum"] for g in adapm_param_groups(lm, n_heads=2, dim=16, **kw) for name, _ in g["params"]}
+
+    assert kinds()["gpt.wte.weight"] == "none"
+    assert kinds(overrides={"gpt.wte.weight": "lm_head"})["gpt.wte.weight"] == "adamw"
+    assert tie or kinds()["gpt.lm_head.weight"] == "adamw"
