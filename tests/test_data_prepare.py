@@ -325,7 +325,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "out-exists": ([*images, imgs, "--out", str(tmp / "taken")], "already exists; pass --overwrite"),
         "out-not-a-dataset": ([*images, imgs, "--out", str(tmp / "taken"), "--overwrite"],
                               "exists and is not a prepared dataset (no lowmem_data.json); refusing to replace it"),
-        "out-parent-missing": ([*images, imgs, "--out", str(tmp / "no" / "such" / "dir")], "does not exist; create it"),
+        "out-parent-is-a-file": ([*images, imgs, "--out", str(tmp / "binary.txt" / "dir")], "binary.txt is a file"),
         "unknown-kind": (["--kind", "audio", "--source", imgs], "argument --kind: invalid choice: 'audio'"),
     }  # fmt: skip
 
@@ -333,7 +333,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
 BAD = ["missing-source", "missing-text", "empty-folder", "no-class-folders", "empty-class", "empty-text-folder",
        "empty-text", "corrupt-image", "truncated-image", "mixed-sizes", "binary-text", "too-little-text",
        "block-size-0", "val-fraction-0", "val-fraction-1.5", "size-0", "unknown-tokenizer", "option-of-other-kind",
-       "two-image-sources", "out-exists", "out-not-a-dataset", "out-parent-missing", "unknown-kind"]  # fmt: skip
+       "two-image-sources", "out-exists", "out-not-a-dataset", "out-parent-is-a-file", "unknown-kind"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -505,3 +505,12 @@ def test_two_ranks_train_like_one_process_at_the_global_batch(tmp_path, monkeypa
     assert diff < 1e-4, diff
     assert val_losses(log_dir) == pytest.approx(val_losses(Path(reference.trainer.log_dir)), rel=1e-5, abs=1e-6)
 
+
+
+def test_out_creates_missing_parent_folders(tmp_path, capsys):
+    """``--out data/photos`` in a fresh checkout: the parents are made, as ``mkdir -p`` would."""
+    make_images(tmp_path / "src", size=(8, 8), mode="L")
+    code, _, err = prepare(capsys, "--kind", "images", "--source", str(tmp_path / "src"),
+                           "--out", str(tmp_path / "data" / "nested" / "photos"))  # fmt: skip
+    assert code == 0, err
+    assert read_manifest(tmp_path / "data" / "nested" / "photos").kind == "images"

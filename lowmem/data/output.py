@@ -62,8 +62,9 @@ class PreparedOutput:
             if not empty and not (self.out / MANIFEST_NAME).is_file():
                 raise DataError(f"--out {out} exists and is not a prepared dataset (no {MANIFEST_NAME}); refusing to "
                                 "replace it: remove it yourself or choose another --out")  # fmt: skip
-        if not self.out.parent.is_dir():
-            raise DataError(f"--out {out}: the folder {self.out.parent} does not exist; create it first")
+        if self.out.parent.exists() and not self.out.parent.is_dir():
+            raise DataError(f"--out {out}: {self.out.parent} is a file; give a folder path for the prepared dataset")
+        self.out.parent.mkdir(parents=True, exist_ok=True)  # as mkdir -p: data/photos in a fresh checkout
         self.path = self.out.with_name(f"{self.out.name}.partial-{os.getpid()}")
 
     def __enter__(self) -> PreparedOutput:
