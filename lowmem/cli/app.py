@@ -304,7 +304,9 @@ class LowMemCLI(LightningCLI):
     def after_fit(self) -> None:
         self._validate_if_none_ran()
         self._report("fit")
-        if self.trainer.is_global_zero and not self.trainer.interrupted:  # what the run held, against AdamW
+        # What the run held, against AdamW: replayed in this process, so one-process runs only (a replay
+        # on rank 0 would run the optimizers' collectives alone; FSDP2 modules cannot be copied).
+        if self.trainer.world_size == 1 and not self.trainer.interrupted:
             from lowmem.cli.memory import fit_memory_summary
 
             summary = fit_memory_summary(self.trainer, self.model, self.datamodule)
