@@ -306,7 +306,8 @@ class LowMemCLI(LightningCLI):
         self._report("fit")
         # What the run held, against AdamW: replayed in this process, so one-process runs only (a replay
         # on rank 0 would run the optimizers' collectives alone; FSDP2 modules cannot be copied).
-        if self.trainer.world_size == 1 and not self.trainer.interrupted:
+        sharded = any(hasattr(p, "device_mesh") for p in self.model.parameters())  # FSDP2, also on 1 device
+        if self.trainer.world_size == 1 and not sharded and not self.trainer.interrupted:
             from lowmem.cli.memory import fit_memory_summary
 
             summary = fit_memory_summary(self.trainer, self.model, self.datamodule)
