@@ -14,6 +14,17 @@ surviving grads, optimizer state, the batch) + the largest running sum of the st
 allocations minus frees. That is tensor bytes, the CPU analogue of
 ``torch.cuda.max_memory_allocated``: no allocator caching, fragmentation or interpreter overhead
 (which an RSS figure would mix in).
+
+Regimes (section ``memory-regimes``, also ``--regimes`` alone): the same peak on GPT-2 small in
+the settings that decide whether a folded momentum shows at the peak. HMAdamW holds ``P + B + v``
+from the first backward to ``step()`` where AdamW holds ``P + grads + m + v``: the same bytes when
+the backward starts (AdamW has no gradient yet), one parameter-sized tensor more for AdamW when it
+ends. So the saving is hidden when the activations make the peak early in the backward (a larger
+batch), and shows when the peak comes at its end: small micro-batches beside the 124M parameters,
+activation checkpointing (every transformer block recomputed in the backward,
+``torch.utils.checkpoint``, non-reentrant), and gradient accumulation (AdamW's gradients live
+through the next micro-batches' forward and backward). Each regime's peak is measured by ``lowmem.cli.memory.peak_step_bytes``
+(the same function ``lowmem fit``'s memory summary uses).
 """
 
 from __future__ import annotations
@@ -29,13 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.common import BASELINE, DOCS, MIB, Builder, count_params, gpt2_small, log, markdown_table
 from benchmarks.common import optimizer_builders, section_header, write_section
-from lowmem.optim import state_bytes, tensor_bytes
+from lowmem.cli.memory import peak_step_bytes
 
-__all__ = ["ModelSpec", "model_specs", "measure", "peak_step_bytes", "main"]
+__all__ = ["ModelSpec", "Regime", "model_specs", "regimes", "measure", "measure_regime", "peak_step_bytes", "main"]
 
 
 @dataclass
@@ -75,61 +85,6 @@ def model_specs(quick: bool = False) -> list[ModelSpec]:
     ]  # fmt: skip
 
 
-def _live_bytes(model: nn.Module, optimizer: Optimizer, batch: Any) -> int:
-    """Bytes of the distinct tensors alive between two steps: params, buffers, grads, state, batch."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    for per_param in optimizer.state.values():
-        for value in per_param.values():
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-            elif isinstance(value, (list, tuple)):
-                tensors += [v for v in value if isinstance(v, torch.Tensor)]
-    tensors += [t for t in batch if isinstance(t, torch.Tensor)]
-    return tensor_bytes(tensors)
-
-
-def _allocation_peak(prof: profile) -> tuple[int, str]:
-    """Largest running total of (allocations - frees) recorded by the profiler, in bytes, and the
-    phase (``record_function("phase:...")`` range) in which it was reached."""
-    from torch._C._profiler import _EventType
-
-    events, stack = [], [(e, "") for e in prof.profiler.kineto_results.experimental_event_tree()]
-    while stack:
-        event, phase = stack.pop()
-        if event.name.startswith("phase:"):
-            phase = event.name.removeprefix("phase:")
-        if event.tag == _EventType.Allocation:
-            events.append((event.start_time_ns, event.extra_fields.alloc_size, phase))
-        stack.extend((child, phase) for child in event.children)
-    running = peak = 0
-    where = "start"
-    for _, size, phase in sorted(events):
-        running += size
-        if running > peak:
-            peak, where = running, phase or "?"
-    return peak, where
-
-
-def peak_step_bytes(model: nn.Module, optimizer: Optimizer, batch: Any) -> tuple[int, str, dict[str, int]]:
-    """Run one training step under the memory profiler; return (peak bytes, phase of the peak,
-    state_bytes after step())."""
-    start = _live_bytes(model, optimizer, batch)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function("phase:forward"):
-            loss = model.compute_loss(batch)[0]
-        with record_function("phase:backward"):
-            loss.backward()
-        with record_function("phase:step"):
-            optimizer.step()
-        sizes = state_bytes(optimizer)
-        with record_function("phase:zero_grad"):
-            optimizer.zero_grad()
-        del loss
-    peak, where = _allocation_peak(prof)
-    return start + peak, where, sizes
-
-
 def measure(spec: ModelSpec, builders: dict[str, Builder]) -> list[dict[str, Any]]:
     rows = []
     for name, build in builders.items():
@@ -147,6 +102,99 @@ def measure(spec: ModelSpec, builders: dict[str, Builder]) -> list[dict[str, Any
         del model, optimizer, batch
         gc.collect()
     return rows
+
+
+# --- regimes where the folded momentum shows at the peak -------------------------------------------
+@dataclass
+class Regime:
+    name: str
+    micro_batch: tuple[int, int]  # (sequences, tokens) of one micro-batch
+    micro_batches: int = 1
+    checkpointing: bool = False
+
+
+def regimes(quick: bool = False) -> list[Regime]:
+    t = 16 if quick else 256
+    return [
+        Regime(f"1 x {t} tokens (the table above)", (1, t)),
+        Regime(f"4 x {t}: activations dominate", (4, t)),
+        Regime(f"4 x {t}, activation checkpointing", (4, t), checkpointing=True),
+        Regime(f"the same {4 * t} tokens as 4 micro-batches of 1 x {t} (accumulation)", (1, t), micro_batches=4),
+        Regime(f"4 micro-batches of 1 x {t} + checkpointing", (1, t), micro_batches=4, checkpointing=True),
+    ]
+
+
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute every transformer block in the backward (non-reentrant ``torch.utils.checkpoint``);
+    parameter names are unchanged (the blocks' ``forward`` is wrapped in place)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.gpt.h:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _regime_model(quick: bool) -> tuple[Callable[[], nn.Module], int]:
+    from lowmem.lightning_modules import LanguageModel
+
+    if quick:
+        return (lambda: LanguageModel(n_layer=2, n_head=2, n_embd=32, block_size=16)), 256
+    return gpt2_small, 50304
+
+
+def measure_regime(regime: Regime, builders: dict[str, Builder], quick: bool = False) -> list[dict[str, Any]]:
+    build_model, vocab = _regime_model(quick)
+    rows = []
+    for name, build in builders.items():
+        log(f"memory: regime {regime.name}: {name}")
+        torch.manual_seed(0)
+        model = build_model()
+        if regime.checkpointing:
+            _checkpoint_blocks(model)
+        b, t = regime.micro_batch
+        batch = (torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t)))
+        optimizer = build(model)
+        loss = model.compute_loss(batch)[0]  # warm-up step: creates the state, compiles fast paths
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        del loss
+        peak, where, sizes = peak_step_bytes(model, optimizer, batch, micro_batches=regime.micro_batches)
+        rows.append({"optimizer": name, "n_params": count_params(model), "peak": peak, "peak_phase": where, **sizes})
+        del model, optimizer, batch
+        gc.collect()
+    return rows
+
+
+REGIME_OPTIMIZERS = ("AdamW (fused)", "HMAdamW", "AdamS", "SlimAdamW", "Adam-mini", "AdaPM-mini", "IO-Adam (fused)",
+                     "Adafactor")  # fmt: skip
+
+
+def regimes_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Rows: optimizers; columns: each regime's peak in MiB and as a share of AdamW's."""
+    names = [r["optimizer"] for r in next(iter(results.values()))]
+    table = []
+    for name in names:
+        cells = []
+        for rows in results.values():
+            row, base = next(r for r in rows if r["optimizer"] == name), next(r for r in rows if r["optimizer"] == BASELINE)
+            cells.append(f"{row['peak'] / MIB:.1f} ({_ratio(row['peak'], base['peak'])}, {row['peak_phase']})")
+        table.append([name, *cells])
+    return markdown_table(["optimizer (peak MiB, vs AdamW, phase)", *results], table)
+
+
+def render_regimes(results: dict[str, list[dict[str, Any]]], argv: Sequence[str], quick: bool) -> str:
+    n = next(iter(results.values()))[0]["n_params"]
+    model = "GPT (tiny)" if quick else "GPT-2 small"
+    return "\n".join([
+        section_header("benchmarks.memory", argv),
+        f"**Peak of one training step by regime** ({model}, {n / 1e6:.1f}M params; fp32; tensor bytes measured "
+        "by `lowmem.cli.memory.peak_step_bytes`; ratios against `AdamW (fused)` in the same regime; the phase "
+        "is where the peak was reached):\n",
+        regimes_table(results),
+        "",
+    ])  # fmt: skip
 
 
 def _ratio(x: float, base: float) -> str:
@@ -258,6 +306,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny models and no compiled fast paths (a run check)")
     parser.add_argument("--optimizers", nargs="*", help="subset of optimizer names (default: all)")
     parser.add_argument("--out", type=Path, default=DOCS, help="directory of benchmarks.md (default: docs/)")
+    parser.add_argument("--regimes", action="store_true",
+                        help="only the peak by regime (accumulation, small micro-batch, checkpointing)")
     return parser.parse_args(argv)
 
 
@@ -267,14 +317,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     builders = optimizer_builders(fast=not args.quick)
     if args.optimizers:
         builders = {k: v for k, v in builders.items() if k == BASELINE or k in args.optimizers}
-    specs = model_specs(args.quick)
-    results = {spec.name: measure(spec, builders) for spec in specs}
-    plot(results, args.out / "figures" / "memory.png")
-    text = render(results, specs, argv)
-    print(text)
-    path = write_section(args.out, "memory", text)
+    text = ""
+    if not args.regimes:
+        specs = model_specs(args.quick)
+        results = {spec.name: measure(spec, builders) for spec in specs}
+        plot(results, args.out / "figures" / "memory.png")
+        text = render(results, specs, argv)
+        print(text)
+        path = write_section(args.out, "memory", text)
+        log(f"memory: wrote {path}")
+    chosen = {k: v for k, v in builders.items() if k in REGIME_OPTIMIZERS or args.optimizers}
+    by_regime = {r.name: measure_regime(r, chosen, args.quick) for r in regimes(args.quick)}
+    regimes_text = render_regimes(by_regime, argv, args.quick)
+    print(regimes_text)
+    path = write_section(args.out, "memory-regimes", regimes_text)
     log(f"memory: wrote {path}")
-    return text
+    return text + "\n" + regimes_text
 
 
 if __name__ == "__main__":
