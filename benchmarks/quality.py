@@ -9,7 +9,7 @@ mean ± std against AdamW, and a loss-curve figure per family.
 
 Each run is ``configs/<family>_<optimizer>.yaml`` through ``LowMemCLI`` with
 ``--trainer.max_steps=N --trainer.max_epochs=-1 --seed_everything=S`` (diffusion also seeds its
-noise generator with S), then ``trainer.validate`` on the validation set for the final loss.
+noise generator and its training order with S), then ``trainer.validate`` on the validation set for the final loss.
 Variants beyond the configs: HMAdamW's variance corrections ``stationary`` and ``none`` (the
 config uses ``noise``), AdamS with beta2 0.999 (the config uses 0.95), and SlimAdamW with the
 rules ``lowmem snr`` measured on the family's AdamW config (``configs/rules/<family>_snr.json``,
@@ -74,7 +74,9 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
 }
 DEFAULT_STEPS = {"cnn": 152, "lm": 300, "diffusion": 190}  # the configs' own lengths (8, -, 10 epochs)
 _FAMILY_OVERRIDES = {
-    "diffusion": lambda seed: ["--model.init_args.sample_every_n_epochs=0", f"--model.init_args.seed={seed}"],
+    # the noise generator and the training order (the fit-start check wants model and data seeds equal)
+    "diffusion": lambda seed: ["--model.init_args.sample_every_n_epochs=0", f"--model.init_args.seed={seed}",
+                               f"--data.init_args.seed={seed}"],
 }
 # Overrides of a variant that depend on the family: the SNR rules file measured on its AdamW config,
 # written by `lowmem snr --config configs/<family>_adamw.yaml` (the commands are in docs/snr.md).
@@ -214,13 +216,15 @@ def family_table(runs: list[dict], steps: int, lead: dict[str, list[str]] | None
         if base_train is not None:
             hit = next((s for s, v in zip(train_steps, smooth) if v <= base_train), None)
             reach = f"{hit / steps:.0%}" if hit is not None else "not reached"
+            if hit is None and lead is not None:
+                reach += f" (ends {smooth[-1] - base_train:+.4f})"
         delta = f"{statistics.fmean(vals) - base_val:+.4f}" if base_val is not None else "n/a"
         match = "n/a"
         if base is not None and variant != "adamw":
             tolerance = match_tolerance([r["final_val"] for r in base])
             match = f"{'yes' if statistics.fmean(vals) - base_val <= tolerance else 'no'} (≤ +{tolerance:.4f})"
         seconds = statistics.fmean(r["seconds"] for r in group)
-        if lead is not None and reach not in ("n/a", "not reached"):
+        if lead is not None and base_train is not None and hit is not None:
             reach += f" (step {hit}, ~{seconds * hit / steps:.0f} s)"
         table.append([VARIANTS[variant][0], *(lead or {}).get(variant, []), _fmt(vals), delta, match,
                       f"{smooth[-1]:.4f}", reach, f"{seconds:.0f}"])  # fmt: skip
@@ -370,9 +374,10 @@ def main_grid(args: argparse.Namespace, argv: Sequence[str]) -> str:
     started = time.perf_counter()
     schedule = {"warmup": args.warmup, "min_factor": args.min_lr_factor}
     done = _load_results(args.results)
-    grid_seed, factors = args.seeds[0], sorted(args.lr_factors)
+    grid_seed = args.seeds[0]
+    factors_of = {f: sorted(args.family_lr_factors.get(f, args.lr_factors)) for f in args.families}
     jobs = [(f, v, grid_seed, args.budgets[f], args.extra, k, schedule)
-            for f in args.families for v in args.variants for k in factors]  # fmt: skip
+            for f in args.families for v in args.variants for k in factors_of[f]]  # fmt: skip
     grid_runs = _run_jobs(jobs, args.jobs, args.results, done)
     best = best_factors(grid_runs)
     seed_jobs = [(f, v, s, args.budgets[f], args.extra, best[f, v], schedule)
@@ -386,7 +391,8 @@ def main_grid(args: argparse.Namespace, argv: Sequence[str]) -> str:
     budgets = ", ".join(f"{f} {args.budgets[f]}" for f in args.families)
     computed = sum(r["seconds"] for r in runs)
     parts = [section_header("benchmarks.quality", argv),
-             f"lr grid: {len(factors)} peak lrs per optimizer, {', '.join(f'{k:g}' for k in factors)} × the config's lr, "
+             f"lr grid: peak lrs per optimizer of "
+             f"{'; '.join(f'{f} ' + ', '.join(f'{k:g}' for k in factors_of[f]) for f in args.families)} × the config's lr, "
              f"on seed {grid_seed}; the best (lowest final val loss) re-run on seeds {args.seeds}. Schedule: linear "
              f"warm-up over {args.warmup:.0%} of the budget, then cosine decay to {args.min_lr_factor:g} × the peak "
              f"(replaces the configs' schedulers). Budgets (optimizer steps): {budgets}. {len(runs)} runs, "
@@ -403,7 +409,7 @@ def main_grid(args: argparse.Namespace, argv: Sequence[str]) -> str:
         for variant in {r["variant"] for r in fam}:
             factor = best[family, variant]
             lr = next(r["lr"] for r in at_best if r["variant"] == variant)
-            edge = " (edge)" if factor in (factors[0], factors[-1]) else ""
+            edge = " (edge)" if factor in (factors_of[family][0], factors_of[family][-1]) else ""
             lead[variant] = [f"{lr:.3g} (× {factor:g}){edge}"]
         table = family_table(at_best, args.budgets[family], lead=lead, lead_headers=["best lr"])
         sens = args.out / "figures" / f"quality_grid_lr_{family}.png"
@@ -412,7 +418,7 @@ def main_grid(args: argparse.Namespace, argv: Sequence[str]) -> str:
         plot_family(family, at_best, args.budgets[family], curves, note=" (best lr)")
         parts.append(f"**{family}** (`configs/{family}_*.yaml`, {args.budgets[family]} steps), best of grid:\n\n{table}\n\n"
                      f"The grid (final val loss, seed {grid_seed}; best in bold):\n\n"
-                     f"{grid_table(family, fam, factors, grid_seed, best)}\n\n"
+                     f"{grid_table(family, fam, factors_of[family], grid_seed, best)}\n\n"
                      f"![{family} lr sensitivity](figures/{sens.name})\n![{family} loss curves at the best lr](figures/{curves.name})\n")  # fmt: skip
     text = "\n".join(parts)
     print(text)
@@ -434,6 +440,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--grid", action="store_true", help="lr grid + warm-up/cosine schedule, best lr on every seed")
     parser.add_argument("--lr-factors", nargs="+", type=float, default=[0.25, 0.5, 1.0, 2.0, 4.0],
                         help="--grid: peak lrs as multiples of each config's lr (log-spaced, >= 4)")
+    parser.add_argument("--family-lr-factors", nargs="*", default=[], metavar="FAMILY=F1,F2,...",
+                        help="--grid: another factor list for one family, e.g. cnn=0.5,1,2,4,8,16")
     parser.add_argument("--warmup", type=float, default=0.1, help="--grid: warm-up steps as a fraction of the budget")
     parser.add_argument("--min-lr-factor", type=float, default=0.1, help="--grid: final lr of the cosine / peak")
     parser.add_argument("--results", type=Path, default=None,
@@ -453,8 +461,19 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         args.extra = ["--trainer.limit_val_batches=2", *args.extra]
         if args.grid:
             args.lr_factors = args.lr_factors[:4]
-    if args.grid and (len(set(args.lr_factors)) < 4 and not args.quick or any(f <= 0 for f in args.lr_factors)):
-        parser.error("--grid takes at least 4 distinct positive --lr-factors")
+    per_family = {}
+    for item in args.family_lr_factors:
+        family, _, values = item.partition("=")
+        try:
+            per_family[family] = [float(v) for v in values.split(",")]
+        except ValueError:
+            per_family[family] = []
+        if family not in FAMILIES or not per_family[family]:
+            parser.error(f"--family-lr-factors takes family=F1,F2,... with family in {FAMILIES}; got {item!r}")
+    args.family_lr_factors = per_family
+    for factors in (args.lr_factors, *per_family.values()):
+        if args.grid and (len(set(factors)) < 4 and not args.quick or any(f <= 0 for f in factors)):
+            parser.error("--grid takes at least 4 distinct positive lr factors per family")
     args.budgets = budgets
     if "adamw" not in args.variants:
         args.variants = ["adamw", *args.variants]
