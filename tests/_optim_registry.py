@@ -160,6 +160,12 @@ SPECS: list[OptimSpec] = [
             OptimSpec("SlimAdamW-roles", SlimAdamW, param_groups=slimadam_param_groups),
             OptimSpec("AdamMini", AdamMini),
             OptimSpec("AdamMini-roles", AdamMini, param_groups=adam_mini_param_groups),
+            # AdaPM's fast path: the element-wise kernel (lowmem_adapm_f32 / compiled), the ALS
+            # sweep without M and AdaPM-mini's native block means.
+            OptimSpec("AdaPM", AdaPM, invalid_kwargs=_ADAPM_INVALID),
+            OptimSpec("AdaPM-roles", AdaPM, kwargs={"refresh_every": 3}, param_groups=adapm_param_groups),
+            OptimSpec("AdaPM-mini-roles", AdaPM, kwargs={"refresh_every": 3, "second_moment": "mini"},
+                      param_groups=adapm_param_groups),  # fmt: skip
         )
     ],
     # A small buffer so the slot index wraps around inside the checks.
@@ -170,5 +176,16 @@ SPECS: list[OptimSpec] = [
         needs_model=True,
         deepcopy_can_step=False,
         invalid_kwargs=({"buffer_size": 0}, {"p": 1.0}, {"buffer_mode": "bogus"}),
+    ),
+    # IO-Adam's fast step (lowmem_ioadam_f32: D built tile by tile, never stored; compiled
+    # elsewhere) and the native AdamW kernel for the other parameters.
+    OptimSpec(
+        "IOAdam-fused-step",
+        IOAdam,
+        kwargs={"buffer_size": 3, "fused": False, "fused_step": True},
+        needs_model=True,
+        deepcopy_can_step=False,
+        invalid_kwargs=({"buffer_size": 0}, {"p": 1.0}, {"buffer_mode": "bogus"}, {"fused_step": "yes"}),
+        layout_exact=False,
     ),
 ]

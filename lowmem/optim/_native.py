@@ -1,6 +1,6 @@
 """Hand-written CPU kernels (``_native_kernels.c``), compiled on first use and called via ctypes.
 
-The fast path of HMAdam(W), AdamS, SlimAdamW and Adam-mini for float32 contiguous CPU tensors
+The fast path of HMAdam(W), AdamS, SlimAdamW, Adam-mini, AdaPM and IO-Adam for float32 contiguous CPU tensors
 (other dtypes, layouts and devices take their ``torch.compile``'d kernels or for-loops). Two
 reasons, both measured at 50M parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core
 CPU, in scripts that interleave the two steps round by round:
@@ -60,7 +60,8 @@ from torch.autograd.graph import increment_version
 from lowmem.optim._fast import local_tensor
 
 __all__ = [
-    "ADAM_SCALARS", "ELEMENTWISE", "check_status", "elementwise", "int64_array", "library", "native_ok", "pointer_array",
+    "ADAM_SCALARS", "ELEMENTWISE", "check_status", "elementwise", "float_array", "int32_array", "int64_array", "library",
+    "native_ok", "pointer_array",
 ]  # fmt: skip
 
 SOURCE = Path(__file__).with_name("_native_kernels.c")
@@ -82,6 +83,15 @@ _SIGNATURES = {
     "lowmem_slim_cols_f32": [ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 4, *_SCALARS, ctypes.c_int],
     **{name: [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * lists,
               *[ctypes.c_float] * len(names), ctypes.c_int] for name, (lists, names) in ELEMENTWISE.items()},
+    # AdaPM (lowmem.optim.adapm): n, numel, w, g, m, v, mode, full_v, div, len, 8 scalars, threads
+    "lowmem_adapm_f32": [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), *[ctypes.POINTER(ctypes.c_void_p)] * 4,
+                         *[ctypes.POINTER(ctypes.c_int)] * 2, *[ctypes.POINTER(ctypes.c_int64)] * 2,
+                         *[ctypes.c_float] * 8, ctypes.c_int],
+    "lowmem_fanout_mean_sq_f32": [*[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+    # IO-Adam (lowmem.optim.ioadam): n, rows, cols, slots, w, g, m, a, bt, m_decay, step_size, root, 3 scalars, threads
+    "lowmem_ioadam_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 3, *[ctypes.POINTER(ctypes.c_void_p)] * 5,
+                          *[ctypes.POINTER(ctypes.c_float)] * 2, ctypes.POINTER(ctypes.c_int), *[ctypes.c_float] * 3,
+                          ctypes.c_int],
 }  # fmt: skip
 
 _library: ctypes.CDLL | None = None
@@ -256,9 +266,22 @@ def int64_array(values: Iterable[int]) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def pointer_array(tensors: Iterable[torch.Tensor]) -> ctypes.Array:
-    """A C array of the tensors' data pointers (the tensors must stay alive during the call)."""
-    pointers = [t.data_ptr() for t in tensors]
+def int32_array(values: Iterable[int]) -> ctypes.Array:
+    """A C ``int[]`` of ``values``."""
+    values = list(values)
+    return (ctypes.c_int * len(values))(*values)
+
+
+def float_array(values: Iterable[float]) -> ctypes.Array:
+    """A C ``float[]`` of ``values``."""
+    values = list(values)
+    return (ctypes.c_float * len(values))(*values)
+
+
+def pointer_array(tensors: Iterable[torch.Tensor | None]) -> ctypes.Array:
+    """A C array of the tensors' data pointers (``None``: a null pointer; the tensors must stay
+    alive during the call)."""
+    pointers = [None if t is None else t.data_ptr() for t in tensors]
     return (ctypes.c_void_p * len(pointers))(*pointers)
 
 

@@ -209,3 +209,225 @@ int lowmem_adamw_f32(int n, const int64_t *numel, float **w, float **g, float **
     FOR_EACH_SHARE(n, numel, threads, ADAMW_BODY);
     return 0;
 }
+
+/* ---- AdaPM's element-wise update (lowmem.optim.adapm._adapm_kernel) ------------------------------
+ * Per tensor i (numel[i] elements, w, g and the momentum input share its layout):
+ *   momentum    mode 0: g (no momentum)           mode 1: m = m + (1-b1)(g - m), stored (full, adamw)
+ *               mode 2: g + d (low-rank: d is the n x m correction (b1/(1-b1))(L R - L' R'))
+ *               mode 3: d (a momentum computed elsewhere)
+ *   denominator full_v[i]: v = b2 v + (1-b2) g^2, stored; den = sqrt(v) / bias_correction2_sqrt + eps
+ *               else: den = v[i][(k / div[i]) % len[i]], precomputed per fan-out index (AdaPM-mini)
+ *   u = clamp(mom / den, -clip, clip) (clip = inf: no clamp; NaN stays NaN as in torch.clamp)
+ *   w = w * decay - step_size * u
+ * One call, one parallel region over all tensors (FOR_EACH_SHARE). A run of elements that shares a
+ * precomputed denominator (div > 1) or walks it contiguously (div = 1) is one simd loop.
+ */
+static inline float lowmem_clampf(float u, float clip) { return u > clip ? clip : (u < -clip ? -clip : u); }
+
+typedef struct {
+    float decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps, clip;
+} lowmem_adapm_scalars;
+
+/* Elements [k0, k1) of one tensor; MODE and FULL_V are constants at every call site (always_inline
+ * and a switch below), so each combination is its own branch-free simd loop. den_step: 0 = one
+ * denominator den[0] for the run, 1 = den[k - k0] (precomputed denominators only). */
+static inline __attribute__((always_inline)) void lowmem_adapm_run(
+    const int MODE, const int FULL_V, const int den_step, int64_t k0, int64_t k1, float *restrict w,
+    const float *restrict g, float *restrict m, float *restrict v, const float *restrict den,
+    const lowmem_adapm_scalars s) {
+#pragma omp simd
+    for (int64_t k = k0; k < k1; k++) {
+        const float gk = g[k];
+        float dk;
+        if (FULL_V) {
+            const float vk = s.beta2 * v[k] + s.one_minus_beta2 * (gk * gk);
+            v[k] = vk;
+            dk = sqrtf(vk) / s.bias_correction2_sqrt + s.eps;
+        } else {
+            dk = den_step ? den[k - k0] : den[0];
+        }
+        float mk;
+        if (MODE == 1) {
+            mk = m[k] + s.one_minus_beta1 * (gk - m[k]);
+            m[k] = mk;
+        } else if (MODE == 2) {
+            mk = gk + m[k];
+        } else if (MODE == 3) {
+            mk = m[k];
+        } else {
+            mk = gk;
+        }
+        w[k] = w[k] * s.decay - s.step_size * lowmem_clampf(mk / dk, s.clip);
+    }
+}
+
+static void lowmem_adapm_piece(int mode, int full_v, int64_t div, int64_t len, int64_t lo, int64_t hi,
+                               float *w, const float *g, float *m, float *v, const lowmem_adapm_scalars s) {
+#define ADAPM_RUN(DS, A, B, DEN)                                                                        \
+    switch (mode * 2 + (full_v != 0)) {                                                                 \
+    case 0: lowmem_adapm_run(0, 0, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    case 1: lowmem_adapm_run(0, 1, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    case 2: lowmem_adapm_run(1, 0, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    case 3: lowmem_adapm_run(1, 1, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    case 4: lowmem_adapm_run(2, 0, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    case 5: lowmem_adapm_run(2, 1, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    case 6: lowmem_adapm_run(3, 0, DS, A, B, w, g, m, v, DEN, s); break;                                \
+    default: lowmem_adapm_run(3, 1, DS, A, B, w, g, m, v, DEN, s); break;                               \
+    }
+    if (full_v) {
+        ADAPM_RUN(0, lo, hi, NULL);
+        return;
+    }
+    for (int64_t k0 = lo; k0 < hi;) {
+        const int64_t idx = (k0 / div) % len;
+        int64_t k1;
+        if (div > 1) { /* a run of elements under one denominator */
+            k1 = k0 + (div - k0 % div);
+            if (k1 > hi) k1 = hi;
+            ADAPM_RUN(0, k0, k1, v + idx);
+        } else { /* the denominators walk along with the elements */
+            k1 = k0 + (len - idx);
+            if (k1 > hi) k1 = hi;
+            ADAPM_RUN(1, k0, k1, v + idx);
+        }
+        k0 = k1;
+    }
+#undef ADAPM_RUN
+}
+
+#define ADAPM_BODY(i, lo, hi) \
+    lowmem_adapm_piece(mode[i], full_v[i], div[i], len[i], lo, hi, w[i], g[i], m[i], v[i], s)
+
+int lowmem_adapm_f32(int n, const int64_t *numel, float **w, float **g, float **m, float **v, const int *mode,
+                     const int *full_v, const int64_t *div, const int64_t *len, float decay, float one_minus_beta1,
+                     float beta2, float one_minus_beta2, float step_size, float bias_correction2_sqrt, float eps,
+                     float clip, int threads) {
+    const lowmem_adapm_scalars s = {decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                                    bias_correction2_sqrt, eps, clip};
+    FOR_EACH_SHARE(n, numel, threads, ADAPM_BODY);
+    return 0;
+}
+
+/* Mean of g^2 over every index but the fan-out one (AdaPM-mini's and Adam-mini's row means): g is
+ * viewed as (outer, n, inner) row-major and out gets n means, accumulated in double. inner > 1:
+ * each fan-out index j is a set of contiguous runs; inner = 1 (the fan-out dim is the last one):
+ * column sums, per thread over its share of the outer rows, then added. Returns 1 if the scratch
+ * of the column sums cannot be allocated. */
+int lowmem_fanout_mean_sq_f32(int64_t outer, int64_t n, int64_t inner, const float *restrict g, float *restrict out,
+                              int threads) {
+    const double count = (double)outer * (double)inner;
+    if (inner > 1 || outer == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t j = 0; j < n; j++) {
+            double sum = 0.0;
+            for (int64_t o = 0; o < outer; o++) {
+                const float *gr = g + (o * n + j) * inner;
+                float part = 0.0f; /* a row's sum in float (one L1-resident run), added in double */
+#pragma omp simd reduction(+ : part)
+                for (int64_t k = 0; k < inner; k++) part += gr[k] * gr[k];
+                sum += (double)part;
+            }
+            out[j] = (float)(sum / count);
+        }
+        return 0;
+    }
+    double *sums = calloc((size_t)threads * (size_t)n, sizeof(double));
+    if (sums == NULL) return 1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t lo = outer * t / nt, hi = outer * (t + 1) / nt;
+        double *acc = sums + (size_t)t * (size_t)n;
+        for (int64_t o = lo; o < hi; o++) {
+            const float *gr = g + o * n;
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) acc[j] += (double)gr[j] * (double)gr[j];
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            double sum = 0.0;
+            for (int64_t k = 0; k < nt; k++) sum += sums[(size_t)k * (size_t)n + j];
+            out[j] = (float)(sum / count);
+        }
+    }
+    free(sums);
+    return 0;
+}
+
+/* ---- IO-Adam's update (lowmem.optim.ioadam._io_adam_kernel) ---------------------------------------
+ * Per weight i, stored (rows x cols) row-major (n_out x n_in; n_in x n_out for a Conv1D), with the
+ * statistics of its rows a (rows x b) and the transposed statistics of its columns bt (b x cols),
+ * both already raised to their powers (2/q and 2/p for buffer_mode "paper", 1/q and 1/p for
+ * "per_slot"):
+ *   D = sum_k a[:, k] (x) bt[k, :]   (then sqrt for "paper": root[i] = 1)
+ *   m = m_decay[i] m + (1-b1) g      (g may be NULL: the fused backward already added it)
+ *   w = w * decay - step_size[i] * m / (D + eps)
+ * D is never stored: each row is built in tiles of ADAM_IO_TILE columns that stay in L1 while that
+ * tile of w and m is updated, so the step reads w, g, m and writes w, m once (20 B per element),
+ * plus b multiply-adds per element. The rows of all weights of a call are split across the
+ * threads by elements (a row goes to the thread whose share holds its first element): one parallel
+ * region, no barrier.
+ */
+#define IO_TILE 256
+
+int lowmem_ioadam_f32(int n, const int64_t *rows, const int64_t *cols, const int64_t *slots, float **w, float **g,
+                      float **m, float **a, float **bt, const float *m_decay, const float *step_size,
+                      const int *root, float decay, float one_minus_beta1, float eps, int threads) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += rows[i] * cols[i];
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t begin = total * t / nt, end = total * (t + 1) / nt;
+        float acc[IO_TILE];
+        int64_t offset = 0;
+        for (int i = 0; i < n; offset += rows[i] * cols[i], i++) {
+            const int64_t C = cols[i], R = rows[i], b = slots[i];
+            if (C == 0 || R == 0) continue;
+            int64_t r0 = begin > offset ? (begin - offset + C - 1) / C : 0;
+            int64_t r1 = end > offset ? (end - offset + C - 1) / C : 0;
+            if (r1 > R) r1 = R;
+            const float md = m_decay[i], ss = step_size[i];
+            const float *restrict bti = bt[i];
+            for (int64_t r = r0; r < r1; r++) {
+                float *restrict wr = w[i] + r * C, *restrict mr = m[i] + r * C;
+                const float *restrict gr = g[i] ? g[i] + r * C : NULL;
+                const float *restrict ar = a[i] + r * b;
+                for (int64_t c0 = 0; c0 < C; c0 += IO_TILE) {
+                    const int64_t tc = C - c0 < IO_TILE ? C - c0 : IO_TILE;
+#pragma omp simd
+                    for (int64_t c = 0; c < tc; c++) acc[c] = 0.0f;
+                    for (int64_t k = 0; k < b; k++) {
+                        const float ak = ar[k];
+                        const float *restrict bk = bti + k * C + c0;
+#pragma omp simd
+                        for (int64_t c = 0; c < tc; c++) acc[c] += ak * bk[c];
+                    }
+                    if (root[i]) {
+#pragma omp simd
+                        for (int64_t c = 0; c < tc; c++) acc[c] = sqrtf(acc[c]);
+                    }
+                    float *restrict wc = wr + c0, *restrict mc = mr + c0;
+                    if (gr) {
+                        const float *restrict gc = gr + c0;
+#pragma omp simd
+                        for (int64_t c = 0; c < tc; c++) {
+                            const float mk = md * mc[c] + one_minus_beta1 * gc[c];
+                            mc[c] = mk;
+                            wc[c] = wc[c] * decay - ss * (mk / (acc[c] + eps));
+                        }
+                    } else {
+#pragma omp simd
+                        for (int64_t c = 0; c < tc; c++) {
+                            const float mk = md * mc[c];
+                            mc[c] = mk;
+                            wc[c] = wc[c] * decay - ss * (mk / (acc[c] + eps));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}

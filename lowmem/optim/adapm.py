@@ -6,18 +6,22 @@ Paper: Zhang, Liu, Fang, "AdaPM: a Partial Momentum Algorithm for LLM Training" 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
-from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for
+from lowmem.optim import _native
+from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for, step_groups
+from lowmem.optim._fast import FusedForeach, check_fused, use_fast_path
 from lowmem.optim._sharded_blocks import block_comm_bytes, block_v_state, sharded_block_mean_sq, sharded_expand
 from lowmem.optim._sharding import check_fsdp_layout, gather_rows, is_sharded, local_rows, state_like
 from lowmem.optim.blocks import (
-    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_shape, check_block, expand_blocks, group_params,
+    BLOCK_DEFAULTS, block_keys, block_mean_sq, block_means_of_rows, check_block, expand_blocks, group_params,
     head_config, qkv_split,
 )  # fmt: skip
 from lowmem.optim.roles import ParamRole, Role, classify_parameters
@@ -109,6 +113,14 @@ class AdaPM(LowMemOptimizer):
         second_moment: ``"full"`` (AdaPM) or ``"mini"`` (AdaPM-mini).
         state_in_param_dtype: keep ``m``/``v`` in the param dtype for bf16/fp16 params (the
             factors stay fp32: an ALS solve in bf16 is unstable).
+        fused: ``True`` runs the fast path (:func:`_adapm_fast`): the element-wise part of every
+            block (v, momentum, clip, update, decay) as one kernel, hand-written C for float32
+            contiguous CPU tensors (``lowmem.optim._native``), else ``torch.compile``'d
+            (``lowmem.optim._fast``; AdaPM-mini's block denominators: eager); the ALS sweep without
+            the n x m temporary ``M`` (three GEMMs over ``g``, QRs single-threaded on the CPU);
+            ``False`` the plain for-loop (the reference); ``None`` the fast path when the optimizer
+            holds at least 2**20 elements and ``torch.compile`` is available. FSDP2 shards, empty
+            tensors and a ``torch.compile``'d step take the for-loop either way.
     """
 
     capabilities = Capabilities(needs_full_shapes=True, needs_param_names=True, supports_dtensor=True)
@@ -127,13 +139,15 @@ class AdaPM(LowMemOptimizer):
         second_moment: str = "full",
         *,
         state_in_param_dtype: bool = False,
+        fused: bool | None = None,
     ) -> None:
         check_hparams("AdaPM", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_options(rank_fraction, refresh_every, clip, second_moment)
+        check_fused("AdaPM", fused)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank_fraction=rank_fraction,
             refresh_every=refresh_every, clip=clip, second_moment=second_moment, momentum="full",
-            state_in_param_dtype=state_in_param_dtype, **BLOCK_DEFAULTS,
+            state_in_param_dtype=state_in_param_dtype, fused=fused, **BLOCK_DEFAULTS,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -184,6 +198,7 @@ class AdaPM(LowMemOptimizer):
             with torch.enable_grad():
                 loss = closure()
         sent = 0
+        total_numel = sum(p.numel() for g in self.param_groups for p in g["params"])
         for group in self.param_groups:
             params, grads, states = [], [], []
             self._init_group(group, params, grads, states)
@@ -193,7 +208,7 @@ class AdaPM(LowMemOptimizer):
                 momentum=group["momentum"], second_moment=group["second_moment"], lr=group["lr"],
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 clip=group["clip"], refresh_every=group["refresh_every"],
-                blocks={k: group[k] for k in BLOCK_DEFAULTS},
+                blocks={k: group[k] for k in BLOCK_DEFAULTS}, fused=use_fast_path(group["fused"], total_numel),
             )  # fmt: skip
         self.comm_bytes_per_step = sent
         return loss
@@ -375,12 +390,19 @@ def adapm(
     clip: float | None,
     refresh_every: int,
     blocks: Mapping[str, Any],
-) -> None:
+    fused: bool = False,
+) -> int:
     """Functional AdaPM step over one param group (see :class:`AdaPM`); ``states`` are the
-    per-parameter state dicts. Returns the bytes sent between FSDP2 ranks (0 for plain tensors)."""
+    per-parameter state dicts. Returns the bytes sent between FSDP2 ranks (0 for plain tensors).
+    ``fused=True`` steps the plain, non-empty tensors by :func:`_adapm_fast`, the rest as below."""
     group = dict(blocks, momentum=momentum, beta1=beta1, refresh_every=refresh_every)
     mini = second_moment == "mini"
     sent = 0
+    if fused:
+        params, grads, states = _adapm_fast(
+            params, grads, states, group=group, second_moment=second_moment, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=weight_decay, clip=clip,
+        )  # fmt: skip
     for param, grad, state in zip(params, grads, states):
         state["step"] += 1
         step = int(state["step"].item())
@@ -421,6 +443,268 @@ def adapm(
             param.mul_(1 - lr * weight_decay)
         param.add_(update.to(param.dtype), alpha=-update_scale)
     return sent
+
+
+# --------------------------------------------------------------------------- the fast path (fused=True)
+
+
+@contextlib.contextmanager
+def _single_thread(t: torch.Tensor) -> Iterator[None]:
+    """Run the small matrix work of a low-rank block (QRs of n x r and r x m factors, r x r
+    products, the factors' copies) in one thread on the CPU; only the three GEMMs over ``g`` use
+    them all. Small ops are latency-bound, and every multi-threaded one waits at a barrier for all
+    threads: with another process on one of the 2 cores this was measured on, a multi-threaded
+    LAPACK QR (MKL ``orgqr``, many barriers) of a 3072 x 39 matrix took 20-300x its one-thread
+    time, a ``cat`` of two such factors milliseconds. One thread also makes the factors
+    independent of the thread count."""
+    threads = torch.get_num_threads()
+    if t.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fast_lowrank(
+    g: torch.Tensor, L: torch.Tensor, R: torch.Tensor, beta1: float, refresh: bool, seed: int
+) -> tuple[int, torch.Tensor]:
+    """The low-rank block of :func:`_lowrank_momentum` (one process) without the n x m temporary
+    ``M = (1-b1) g + b1 L R``; updates ``L``, ``R`` in place and returns ``(mode, t)``: mode 2,
+    ``t = (b1/(1-b1)) (L R - L' R')`` (the momentum is ``g + t``), or, at a refresh, mode 3 and
+    ``t`` the momentum itself (the randomized SVD of the materialised ``M``: once in
+    ``refresh_every`` steps). With ``Q = orth(R^T)`` and the new factors ``L' = orth(M Q)``,
+    ``R' = L'^T M``::
+
+        M Q   = (1-b1) g Q + b1 L (R Q)            one GEMM over g (n x m x r)
+        R'    = (1-b1) L'^T g + b1 (L'^T L) R      one GEMM over g
+        m_c   = L' R' + (M - L' R')/(1-b1) = g + (b1/(1-b1)) [L, L'] [R; -R']   one GEMM (inner 2r)
+
+    8 n m r multiply-adds in all, as the for-loop, but no pass that forms ``M`` or ``m_c``.
+    """
+    g = g.to(L.dtype)
+    if refresh:
+        with _single_thread(g):
+            return 3, _lowrank_momentum(g, L, R, beta1, True, seed, _Rows())
+    with _single_thread(g):
+        q_r = torch.linalg.qr(R.T).Q  # m x r
+        y = L @ (R @ q_r)
+    y = torch.addmm(y, g, q_r, beta=beta1, alpha=1 - beta1)  # M Q, n x r
+    with _single_thread(g):
+        new_L = torch.linalg.qr(y).Q
+        new_R = (new_L.T @ L) @ R
+    new_R = torch.addmm(new_R, new_L.T, g, beta=beta1, alpha=1 - beta1)  # L'^T M
+    c = beta1 / (1 - beta1)
+    with _single_thread(g):
+        left, right = torch.cat([L, new_L], 1), torch.cat([R * c, new_R * -c], 0)
+        L.copy_(new_L)
+        R.copy_(new_R)
+    return 2, left @ right
+
+
+def _adapm_kernel(
+    param: torch.Tensor, grad: torch.Tensor, mom: torch.Tensor, v: torch.Tensor, *, decay: Any, step_size: Any,
+    one_minus_beta1: Any, beta2: Any, one_minus_beta2: Any, bias_correction2_sqrt: Any, eps: Any, clip: Any,
+    mom_g: Any, mom_d: Any, lerp: bool, full_v: bool,
+) -> None:  # fmt: skip
+    """AdaPM's element-wise step on one tensor (the maths of ``lowmem_adapm_f32``), in place.
+
+    Momentum: ``lerp``: ``mom = mom + (1-b1)(g - mom)`` (stored; full and AdamW blocks), else
+    ``mom_g g + mom_d mom`` (1, 0: no momentum; 1, 1: low-rank correction; 0, 1: a momentum
+    computed elsewhere). ``full_v``: ``v = b2 v + (1-b2) g^2`` (stored), denominator
+    ``sqrt(v)/bias_correction2_sqrt + eps``; else ``v`` is the denominator (broadcasts). Then
+    ``W = W decay - step_size clamp(mom / den, -clip, clip)``.
+    """
+    dtype = v.dtype
+    g = grad.to(dtype)
+    if full_v:
+        v_new = v * beta2 + one_minus_beta2 * (g * g)
+        v.copy_(v_new)
+        den = v_new.sqrt() / bias_correction2_sqrt + eps
+    else:
+        den = v
+    if lerp:
+        m = mom + one_minus_beta1 * (g - mom)
+        mom.copy_(m)
+    else:
+        m = mom_g * g + mom_d * mom
+    update = torch.clamp(m / den, -clip, clip)
+    param.copy_(param.to(dtype) * decay - step_size * update)
+
+
+_ADAPM_FAST = FusedForeach(_adapm_kernel, name="adapm")
+# native mode -> (lerp, mom_g, mom_d) of the torch kernel
+_TORCH_MODES = {0: (False, 1.0, 0.0), 1: (True, 0.0, 0.0), 2: (False, 1.0, 1.0), 3: (False, 0.0, 1.0)}
+
+
+class _Pieces:
+    """Tensors waiting for the element-wise kernel, all with the same scalars: each piece is
+    ``(w, g, mom, v, mode, full_v, div, len)`` (see ``lowmem_adapm_f32``); float32 contiguous CPU
+    pieces run in one native call, the others through :data:`_ADAPM_FAST` or eagerly."""
+
+    def __init__(self, scalars: dict[str, float]) -> None:
+        self.scalars, self.items = scalars, []
+
+    def add(self, w, g, mom, v, mode: int, full_v: bool, div: int = 1, length: int = 1) -> None:  # noqa: ANN001
+        self.items.append((w, g, g if mode == 0 else mom, v, mode, full_v, div, length))
+
+    def flush(self) -> None:
+        items, self.items = self.items, []
+        if not items:
+            return
+        native = [it for it in items if _native.native_ok(*it[:4])]
+        lib = _native.library() if native else None
+        if lib is None:
+            native = []
+        else:
+            s = self.scalars
+            status = lib.lowmem_adapm_f32(
+                len(native), _native.int64_array(it[0].numel() for it in native),
+                *(_native.pointer_array(it[k] for it in native) for k in range(4)),
+                _native.int32_array(it[4] for it in native), _native.int32_array(int(it[5]) for it in native),
+                _native.int64_array(it[6] for it in native), _native.int64_array(it[7] for it in native),
+                s["decay"], s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"], s["step_size"],
+                s["bias_correction2_sqrt"], s["eps"], s["clip"], torch.get_num_threads(),
+            )  # fmt: skip
+            _native.check_status(status, "AdaPM")
+            written = [it[0] for it in native] + [it[2] for it in native if it[4] == 1]
+            increment_version(written + [it[3] for it in native if it[5]])
+        done = {id(it) for it in native}
+        by_mode: dict[int, list] = {}
+        for it in items:
+            if id(it) in done:
+                continue
+            w, g, mom, v, mode, full_v = it[:6]
+            lerp, mom_g, mom_d = _TORCH_MODES[mode]
+            if full_v:
+                by_mode.setdefault(mode, []).append((w, g, mom, v))
+            else:  # a broadcast denominator: eager, whole tensor
+                _adapm_kernel(w, g, mom, v, **self.scalars, mom_g=mom_g, mom_d=mom_d, lerp=lerp, full_v=False)
+        for mode, tensors in by_mode.items():
+            lerp, mom_g, mom_d = _TORCH_MODES[mode]
+            _ADAPM_FAST([list(col) for col in zip(*tensors)], {**self.scalars, "mom_g": mom_g, "mom_d": mom_d},
+                        {"lerp": lerp, "full_v": True})  # fmt: skip
+
+
+def _fan_out_layout(shape: torch.Size, fan_out_dim: int) -> tuple[int, int, int]:
+    """``(outer, n, inner)``: the tensor as (outer, n, inner) row-major with n the fan-out dim."""
+    d = fan_out_dim % len(shape)
+    return math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :])
+
+
+def _mini_mean_sq(g: torch.Tensor, blocks: Mapping[str, Any]) -> torch.Tensor:
+    """:func:`~lowmem.optim.blocks.block_mean_sq` (kinds row, head, qkv, tensor): the native
+    reduction for float32 contiguous CPU tensors (one pass, no g-sized temporary), else that one."""
+    kind = blocks["block"]
+    lib = _native.library() if _native.native_ok(g) else None
+    if lib is None:
+        return block_mean_sq(g, blocks)
+    outer, n, inner = (1, 1, g.numel()) if kind == "tensor" else _fan_out_layout(g.shape, blocks["fan_out_dim"])
+    out = torch.empty(n, dtype=g.dtype)
+    _native.check_status(lib.lowmem_fanout_mean_sq_f32(outer, n, inner, g.data_ptr(), out.data_ptr(),
+                                                       torch.get_num_threads()), "AdaPM")  # fmt: skip
+    if kind == "tensor":
+        return out.view(())
+    if kind == "row":
+        shape = [1] * g.ndim
+        shape[blocks["fan_out_dim"] % g.ndim] = n
+        return out.view(shape)
+    return block_means_of_rows(out, g.shape, blocks)
+
+
+def _adapm_fast(
+    params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict], *, group: Mapping[str, Any],
+    second_moment: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, clip: float | None,
+) -> tuple[list, list, list]:  # fmt: skip
+    """The fast AdaPM step (``fused=True``) of the plain, non-empty tensors of one group; returns
+    the lists of the others (FSDP2 shards, empty tensors) for the for-loop.
+
+    The same maths as the loop, in fewer passes: the element-wise part of a tensor (v, the
+    momentum of "full"/"adamw" blocks, the update, the clip, the decay) is one kernel
+    (``lowmem_adapm_f32``, or :func:`_adapm_kernel` compiled or eager); a low-rank block is three
+    GEMMs over ``g`` (:func:`_fast_lowrank`) and one n x m temporary, the correction ``t`` that the
+    kernel adds to ``g``; AdaPM-mini's block means are one native reduction. One step count read
+    per distinct step (``step_groups``), not one ``.item()`` per parameter. Memory: each low-rank
+    block's temporary is freed before the next block starts (as in the loop).
+    """
+    kind, mini, adamw = group["momentum"], second_moment == "mini", group["momentum"] == "adamw"
+    own = [i for i, p in enumerate(params) if not is_sharded(p) and p.numel() > 0]
+    if not own:
+        return params, grads, states
+    dim = group["fan_out_dim"]
+    for step, positions in step_groups([states[i]["step"] for i in own]).items():
+        step = int(step)
+        refresh = (step - 1) % group["refresh_every"] == 0
+        scalars = dict(
+            decay=1.0 - lr * weight_decay, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+            step_size=lr / (1.0 - beta1**step) if adamw else lr, eps=eps,
+            bias_correction2_sqrt=math.sqrt(1.0 - beta2**step) if adamw else 1.0,
+            clip=math.inf if adamw or clip is None else float(clip),
+        )  # fmt: skip
+        pieces = _Pieces(scalars)
+        for k in positions:
+            i = own[k]
+            w, state = params[i], states[i]
+            exp_avg_sq = state["exp_avg_sq"]
+            g = grads[i].to(exp_avg_sq.dtype)
+            full_v = not mini or group["block"] == "element" or w.ndim == 0
+            den, div, length = exp_avg_sq, 1, 1
+            if not full_v:
+                exp_avg_sq.mul_(beta2).add_(_mini_mean_sq(g, group), alpha=1 - beta2)
+                v = expand_blocks(exp_avg_sq, w.shape, group)
+                den = (v.sqrt() / scalars["bias_correction2_sqrt"]).add_(eps) if adamw else v.sqrt() + eps
+                if den.numel() == 1:  # one block: the kernel reads den[0] for every element
+                    div, length = w.numel(), 1
+                else:  # one value per fan-out index (den broadcasts; its memory is that vector)
+                    _, length, div = _fan_out_layout(w.shape, dim)
+            segments = _segments(w.shape, group)
+            if not segments:
+                pieces.add(w, g, None, den, 0, full_v, div, length)
+            elif segments[0][1] == "full":
+                pieces.add(w, g, state["exp_avg"], den, 1, full_v, div, length)
+            elif kind == "lowrank":
+                mode, t = _fast_lowrank(g, state["factor_L"], state["factor_R"], beta1, refresh, step)
+                lowrank = _Pieces(scalars)
+                lowrank.add(w, g, t, den, mode, full_v, div, length)
+                lowrank.flush()  # frees t before the next block
+            elif dim % w.ndim == 0:  # q/k/v rows: three pieces, each its own rows of everything
+                parts = _Pieces(scalars)
+                for suffix, part_kind, (start, rows) in segments:
+                    part = [x.narrow(0, start, rows) for x in (w, g)]
+                    if full_v:
+                        part_den, part_len = exp_avg_sq.narrow(0, start, rows), 1
+                    elif den.numel() == 1:  # block "tensor"
+                        part_den, part_len = den, 1
+                    else:  # AdaPM-mini's q/k/v (or row) blocks: one denominator per row, (n, 1)
+                        part_den, part_len = den.narrow(0, start, rows), rows
+                    if part_kind == "full":
+                        mode, t = 1, state["exp_avg" + suffix]
+                    else:
+                        L, R = state["factor_L" + suffix], state["factor_R" + suffix]
+                        mode, t = _fast_lowrank(part[1], L, R, beta1, refresh, step)
+                    parts.add(*part, t, part_den, mode, full_v, div, part_len)
+                parts.flush()
+            else:  # q/k/v columns (a Conv1D's layout): the momentum as one tensor, then the kernel
+                mom = torch.empty_like(g, dtype=torch.promote_types(g.dtype, state["factor_L_q"].dtype))
+                for suffix, part_kind, span in segments:
+                    g_part, m_part = g.narrow(dim, *span), mom.narrow(dim, *span)
+                    if part_kind == "full":
+                        m_part.copy_(state["exp_avg" + suffix].lerp_(g_part, 1 - beta1))
+                        continue
+                    L, R = state["factor_L" + suffix], state["factor_R" + suffix]
+                    mode, t = _fast_lowrank(g_part, L, R, beta1, refresh, step)
+                    m_part.copy_(t)
+                    if mode == 2:
+                        m_part.add_(g_part)
+                single = _Pieces(scalars)
+                single.add(w, g, mom, den, 3, full_v, div, length)
+                single.flush()
+        pieces.flush()
+    done = set(own)
+    rest = [i for i in range(len(params)) if i not in done]
+    return [params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest]
 
 
 def adapm_param_groups(

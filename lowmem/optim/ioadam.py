@@ -52,10 +52,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 
+from lowmem.optim import _native
 from lowmem.optim._base import (
-    Capabilities, LowMemOptimizer, check_grad, check_hparams, check_non_negative, state_dtype_for,
+    Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, check_non_negative, state_dtype_for,
+    step_groups,
 )  # fmt: skip
+from lowmem.optim._fast import FusedForeach, use_fast_path
 from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum, transposed_layout
 from lowmem.optim._sharding import check_fsdp_layout, is_sharded, local_rows, state_like
 from lowmem.optim.roles import weight_decay_param_groups
@@ -135,6 +139,14 @@ class IOAdam(LowMemOptimizer):
             weights then never get a ``.grad`` (single process only).
         adamw_lr: lr of the AdamW parameters (default: ``lr``).
         state_in_param_dtype: keep state in the dtype of bf16/fp16 parameters instead of fp32.
+        fused_step: how ``step()`` runs (``fused`` above is about the backward). ``True``: the
+            fast path, one kernel per step for the IO-Adam weights that builds ``D`` tile by tile
+            while it updates ``M`` and ``W`` (``D`` never stored: hand-written C for float32
+            contiguous CPU tensors, ``lowmem.optim._native``; else ``D`` from one GEMM and a
+            ``torch.compile``'d update), and the native AdamW kernel for the other parameters;
+            ``False``: the plain for-loop (the reference); ``None``: the fast path when the
+            optimizer holds at least 2**20 elements and ``torch.compile`` is available. FSDP2
+            shards and a ``torch.compile``'d step take the for-loop either way.
     """
 
     capabilities = Capabilities(
@@ -156,6 +168,7 @@ class IOAdam(LowMemOptimizer):
         *,
         adamw_lr: float | None = None,
         state_in_param_dtype: bool = False,
+        fused_step: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -173,9 +186,12 @@ class IOAdam(LowMemOptimizer):
             check_non_negative("IOAdam", adamw_lr=adamw_lr)
         if fused:
             _check_single_process()
+        if fused_step not in (None, True, False):
+            raise ValueError(f"IOAdam: invalid fused_step={fused_step!r}; expected True, False or None (automatic)")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, buffer_size=int(buffer_size),
             p=float(p), buffer_mode=buffer_mode, io=False, state_in_param_dtype=state_in_param_dtype,
+            fused_step=fused_step,
         )  # fmt: skip
         linears, embeddings = io_weights(model)
         groups = []
@@ -416,8 +432,10 @@ class IOAdam(LowMemOptimizer):
             _check_single_process()
         else:
             self._all_reduce_statistics()
+        total_numel = sum(w.numel() for g in self.param_groups for w in g["params"])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            fast = use_fast_path(group["fused_step"], total_numel)
             if group["io"]:
                 owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = (
                     self._init_io_group(group)
@@ -426,12 +444,14 @@ class IOAdam(LowMemOptimizer):
                     params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready,
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     p=group["p"], buffer_mode=group["buffer_mode"], transposed=transposed,
+                    fused_step=fast and not any(is_sharded(w) for w in owners),
                 )  # fmt: skip
                 for w, k in zip(owners, slots):  # advance the slot once per processed step
                     self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
             else:
                 params, grads, exp_avgs, exp_avg_sqs, steps = self._init_adamw_group(group)
-                _single_tensor_adamw(
+                adamw = _native_adamw if fast else _single_tensor_adamw
+                adamw(
                     params, grads, exp_avgs, exp_avg_sqs, steps,
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 )  # fmt: skip
@@ -476,6 +496,7 @@ def io_adam(
     p: float,
     buffer_mode: str,
     transposed: list[bool] | None = None,
+    fused_step: bool = False,
 ) -> None:
     """Functional IO-Adam step (see the module docstring) on lists of weights and their state.
 
@@ -485,8 +506,21 @@ def io_adam(
     ``grads[i]`` (if any, e.g. from a tied embedding) is only added. ``grads[i]`` may be None.
     ``transposed[i]``: weight ``i`` is stored (n_in, n_out) (HF ``Conv1D``), and so are its ``M``
     and ``D``; R and C are the same (n_out x b, n_in x b) in either layout.
+    ``fused_step=True``: :func:`_io_adam_fast` (same maths, one pass, ``D`` never stored) for all
+    but the empty weights (the caller keeps FSDP2 shards on the loop).
     """
-    for i, w in enumerate(params):
+    transposed = transposed or [False] * len(params)
+    indices = range(len(params))
+    if fused_step:
+        fast = [i for i in indices if params[i].numel() > 0]
+        _io_adam_fast(
+            *([x[i] for i in fast] for x in (params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums,
+                                             state_steps, slots, momentum_ready, transposed)),
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, p=p, buffer_mode=buffer_mode,
+        )  # fmt: skip
+        indices = [i for i in indices if params[i].numel() == 0]
+    for i in indices:
+        w = params[i]
         grad, exp_avg, r, c, step_t = grads[i], exp_avgs[i], out_stats[i], in_stats[i], state_steps[i]
         step_t += 1
         t = step_t.item()
@@ -498,7 +532,7 @@ def io_adam(
         if out_sums[i] is not None:
             r[:, k].add_(out_sums[i], alpha=1.0 - beta2)
             c[:, k].add_(in_sums[i], alpha=1.0 - beta2)
-        denom = _denominator(r, c, p, buffer_mode, bool(transposed and transposed[i])).add_(eps)
+        denom = _denominator(r, c, p, buffer_mode, transposed[i]).add_(eps)
         step_size = lr * (1.0 - beta2**t) / (1.0 - beta1**t)
         w_work = w if w.dtype == exp_avg.dtype else w.to(exp_avg.dtype)
         w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-step_size)
@@ -533,3 +567,113 @@ def _single_tensor_adamw(
         w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**t))
         if w_work is not w:
             w.copy_(w_work)
+
+
+# --------------------------------------------------------------------------- the fast path (fused_step=True)
+
+
+def _io_adam_kernel(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, d: Tensor, *, m_decay: Any, one_minus_beta1: Any, decay: Any,
+    step_size: Any, eps: Any, root: bool,
+) -> None:  # fmt: skip
+    """IO-Adam's update of one weight given ``d`` = the sum over slots (before the root of
+    ``buffer_mode="paper"``), in place: ``M = m_decay M + (1-b1) g``, ``W = W decay - step_size M /
+    (D + eps)`` (the maths of ``lowmem_ioadam_f32``). ``grad`` is ``d`` itself when there is none
+    (``one_minus_beta1`` is then 0)."""
+    dtype = exp_avg.dtype
+    m = exp_avg * m_decay + one_minus_beta1 * grad.to(dtype)
+    exp_avg.copy_(m)
+    den = (d.sqrt() if root else d) + eps
+    param.copy_(param.to(dtype) * decay - step_size * (m / den))
+
+
+_IO_ADAM_FAST = FusedForeach(_io_adam_kernel, name="ioadam")
+
+
+def _io_factors(r: Tensor, c: Tensor, p: float, buffer_mode: str, transposed: bool) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``D = sum_k a[:, k] (x) b[:, k]`` before the root (rows of a: W's dim 0)."""
+    q = p / (p - 1.0)
+    if buffer_mode == "paper":
+        a, b = (r, c) if p == 2.0 else (r.pow(2.0 / q), c.pow(2.0 / p))
+    else:
+        a, b = r.pow(1.0 / q), c.pow(1.0 / p)
+    return (b, a) if transposed else (a, b)
+
+
+def _io_adam_fast(
+    params: list[Tensor], grads: list[Tensor | None], exp_avgs: list[Tensor], out_stats: list[Tensor],
+    in_stats: list[Tensor], out_sums: list[Tensor | None], in_sums: list[Tensor | None], state_steps: list[Tensor],
+    slots: list[int], momentum_ready: list[bool], transposed: list[bool], *, lr: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, p: float, buffer_mode: str,
+) -> None:  # fmt: skip
+    """:func:`io_adam`'s step in one pass per weight (see ``lowmem_ioadam_f32``): the statistics
+    commit and decay and the step counts as a few small ops for all weights; float32 contiguous
+    CPU weights in one native call that never stores ``D``; the others (other dtypes, devices,
+    layouts) one at a time, ``D`` from one GEMM (the n x m temporary) and the update compiled."""
+    if not params:
+        return
+    steps = {}
+    for t, positions in step_groups(state_steps).items():
+        for i in positions:
+            steps[i] = t
+    for i in range(len(params)):
+        if out_sums[i] is not None:
+            out_stats[i][:, slots[i]].add_(out_sums[i], alpha=1.0 - beta2)
+            in_stats[i][:, slots[i]].add_(in_sums[i], alpha=1.0 - beta2)
+    decay = 1.0 - lr * weight_decay
+    root = buffer_mode == "paper"
+    step_sizes = [lr * (1.0 - beta2 ** steps[i]) / (1.0 - beta1 ** steps[i]) for i in range(len(params))]
+    m_decays = [1.0 if momentum_ready[i] else beta1 for i in range(len(params))]
+    factors = [_io_factors(out_stats[i], in_stats[i], p, buffer_mode, transposed[i]) for i in range(len(params))]
+    grads = [None if g is None else g.to(exp_avgs[i].dtype) for i, g in enumerate(grads)]
+    native = [i for i in range(len(params)) if _native.native_ok(params[i], exp_avgs[i], *factors[i])
+              and (grads[i] is None or _native.native_ok(grads[i]))]  # fmt: skip
+    lib = _native.library() if native else None
+    if lib is None:
+        native = []
+    else:
+        bts = [factors[i][1].t().contiguous() for i in native]  # b x cols: each slot's column factors in a row
+        status = lib.lowmem_ioadam_f32(
+            len(native), _native.int64_array(params[i].shape[0] for i in native),
+            _native.int64_array(params[i].shape[1] for i in native),
+            _native.int64_array(factors[i][0].shape[1] for i in native),
+            _native.pointer_array(params[i] for i in native), _native.pointer_array(grads[i] for i in native),
+            _native.pointer_array(exp_avgs[i] for i in native), _native.pointer_array(factors[i][0] for i in native),
+            _native.pointer_array(bts), _native.float_array(m_decays[i] for i in native),
+            _native.float_array(step_sizes[i] for i in native), _native.int32_array([int(root)] * len(native)),
+            decay, 1.0 - beta1, eps, torch.get_num_threads(),
+        )  # fmt: skip
+        _native.check_status(status, "IOAdam")
+        increment_version([params[i] for i in native] + [exp_avgs[i] for i in native])
+    done = set(native)
+    for i in range(len(params)):
+        if i in done:
+            continue
+        a, b = factors[i]
+        d = a @ b.t()
+        grad = d if grads[i] is None else grads[i]
+        scalars = dict(m_decay=m_decays[i], one_minus_beta1=0.0 if grads[i] is None else 1.0 - beta1, decay=decay,
+                       step_size=step_sizes[i], eps=eps)  # fmt: skip
+        _IO_ADAM_FAST([[params[i]], [grad], [exp_avgs[i]], [d]], scalars, {"root": root})
+    torch._foreach_mul_(out_stats + in_stats, beta2)
+
+
+def _native_adamw(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+) -> None:  # fmt: skip
+    """:func:`_single_tensor_adamw` with the native AdamW kernel for float32 contiguous CPU tensors
+    (one call per distinct step count), the loop for the rest."""
+    ok = [i for i in range(len(params)) if _native.native_ok(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
+    lib = _native.library() if ok else None
+    rest = list(range(len(params))) if lib is None else [i for i in range(len(params)) if i not in set(ok)]
+    if lib is not None:
+        for step, positions in step_groups([state_steps[i] for i in ok]).items():
+            lists = [[t[ok[k]] for k in positions] for t in (params, grads, exp_avgs, exp_avg_sqs)]
+            left = _native.elementwise("lowmem_adamw_f32", lists, adam_scalars(lr, beta1, beta2, eps, weight_decay,
+                                                                                step))  # fmt: skip
+            assert not left  # native_ok was checked
+    _single_tensor_adamw(
+        *([t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)),
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+    )  # fmt: skip
