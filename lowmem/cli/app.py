@@ -31,6 +31,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
 import yaml
+from torch.distributed.fsdp import FSDPModule
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -306,7 +307,7 @@ class LowMemCLI(LightningCLI):
         self._report("fit")
         # What the run held, against AdamW: replayed in this process, so one-process runs only (a replay
         # on rank 0 would run the optimizers' collectives alone; FSDP2 modules cannot be copied).
-        sharded = any(hasattr(p, "device_mesh") for p in self.model.parameters())  # FSDP2, also on 1 device
+        sharded = any(isinstance(m, FSDPModule) for m in self.model.modules())  # FSDP2, also on 1 device
         if self.trainer.world_size == 1 and not sharded and not self.trainer.interrupted:
             from lowmem.cli.memory import fit_memory_summary
 
