@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+from _backends import BACKENDS, use_backend
 from test_adam_mini import GPT, Llama, random_grads, ref_block_mean_sq
 
 from lowmem.optim import AdaPM, adapm_param_groups, state_bytes
@@ -125,33 +127,39 @@ CASES = [  # (momentum, shape, block keys, clip)
 ]
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("second_moment", ["full", "mini"])
-def test_matches_float64_reference_for_every_block(second_moment: str) -> None:
+def test_matches_float64_reference_for_every_block(second_moment: str, backend: str, request) -> None:
+    """Every block kind against the float64 reference, on every backend: the for-loop, the native
+    kernels (float32: the fast path's element-wise kernel, ALS without M, block means) and the
+    compiled kernel (float64, native library off)."""
+    dtype, fused, tol = use_backend(backend, request)
     hp = dict(lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, rank_fraction=0.2, refresh_every=25, second_moment=second_moment)
     gen = torch.Generator().manual_seed(0)
     params, refs, signals, groups = [], [], [], []
     for i, (kind, shape, keys, clip) in enumerate(CASES):
         keys = dict(fan_out_dim=0, head_dim=0, qkv_heads=(1, 1)) | keys
         wd = 0.1 if len(shape) >= 2 else 0.0
-        p = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        p64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+        p = p64.to(dtype).requires_grad_()
         params.append(p)
         groups.append({"params": [p], "momentum": kind, "weight_decay": wd, "clip": clip, **keys})
-        refs.append(RefAdaPM(p.detach().numpy(), kind, keys, hp | dict(wd=wd, clip=clip)))
+        refs.append(RefAdaPM(p.detach().double().numpy(), kind, keys, hp | dict(wd=wd, clip=clip)))
         signals.append(torch.randn(shape, generator=gen, dtype=torch.float64).numpy())  # a persistent direction
     opt = AdaPM(
         groups, lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"], rank_fraction=hp["rank_fraction"],
-        refresh_every=hp["refresh_every"], second_moment=second_moment,
+        refresh_every=hp["refresh_every"], second_moment=second_moment, fused=fused,
     )  # fmt: skip
-    start = [p.detach().numpy().copy() for p in params]
+    start = [p.detach().double().numpy().copy() for p in params]
     for t in range(1, 121):
         for p, ref, signal in zip(params, refs, signals):
             g = signal + torch.randn(p.shape, generator=gen, dtype=torch.float64).numpy() * (1 + t % 3)
-            p.grad = torch.from_numpy(g.copy())
-            ref.step(g, t)
+            p.grad = torch.from_numpy(g.copy()).to(dtype)
+            ref.step(p.grad.double().numpy(), t)  # the gradient the optimizer sees (rounded on float32)
         opt.step()
         for p, ref, w0, case in zip(params, refs, start, CASES):
-            got, want = p.detach().numpy() - w0, ref.w - w0
-            assert np.linalg.norm(got - want) < 1e-6 * np.linalg.norm(want), (t, case)
+            got, want = p.detach().double().numpy() - w0, ref.w - w0
+            assert np.linalg.norm(got - want) < tol * np.linalg.norm(want), (t, case)
 
 
 def test_adamw_block_is_torch_adamw() -> None:
@@ -215,6 +223,106 @@ def test_residual_correction_removes_the_low_rank_bias() -> None:
     bias_low_rank = torch.stack(err_low_rank).mean(0).norm() / scale
     assert bias_low_rank > 0.3  # L R alone misses about half the signal
     assert bias_low_rank > 10 * bias_corrected
+
+
+# --------------------------------------------------------------------------- the fast path against the for-loop
+
+
+class Conv1DGPT(torch.nn.Module):
+    """A GPT whose fused q/k/v projection is stored (n_in, n_out), Hugging Face Conv1D's layout:
+    the q/k/v parts are column ranges (fan_out_dim=1), the fast path's non-contiguous case."""
+
+    def __init__(self, d: int = 24) -> None:
+        super().__init__()
+        self.c_attn = torch.nn.Parameter(torch.randn(d, 3 * d) * 0.1)
+        self.c_fc = torch.nn.Parameter(torch.randn(d, 4 * d) * 0.1)
+
+    def groups(self) -> list[dict]:
+        qkv = dict(momentum="qkv", fan_out_dim=1, block="qkv", head_dim=6, qkv_heads=(4, 4))
+        return [{"params": [self.c_attn], **qkv}, {"params": [self.c_fc], "momentum": "lowrank", "fan_out_dim": 1}]
+
+
+def _models() -> list[tuple[str, torch.nn.Module, Callable]]:
+    torch.manual_seed(0)
+    return [
+        ("gpt", GPT(), lambda m: adapm_param_groups(m, n_heads=4, dim=24)),
+        ("llama", Llama(), lambda m: adapm_param_groups(m, n_heads=4, dim=24, n_kv_heads=2)),
+        ("conv1d", Conv1DGPT(), lambda m: m.groups()),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["native", "compiled"])
+@pytest.mark.parametrize("second_moment", ["full", "mini"])
+def test_fast_path_follows_the_for_loop(second_moment: str, backend: str, request) -> None:
+    """fused=True against fused=False on the same gradients for 12 steps (three refreshes): every
+    block kind of a GPT (nanoGPT q/k/v), a Llama (GQA, untied head) and a Conv1D-layout q/k/v."""
+    dtype, _, _ = use_backend(backend, request)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, model, groups in _models():
+        if second_moment == "mini" and name == "conv1d":
+            continue  # Conv1DGPT's lowrank group has no Adam-mini block keys
+        a = model.to(dtype)
+        b = copy.deepcopy(a)
+        kw = dict(lr=1e-2, refresh_every=4, second_moment=second_moment)
+        loop, fast = AdaPM(groups(a), fused=False, **kw), AdaPM(groups(b), fused=True, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(12):
+            for p, q in zip(a.parameters(), b.parameters()):
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype) + 0.3
+                q.grad = p.grad.clone()
+            loop.step()
+            fast.step()
+        for (pname, p), q in zip(a.named_parameters(), b.parameters()):
+            scale = float(p.detach().abs().max())
+            assert float((p - q).detach().abs().max()) <= tol * scale, (name, pname)
+            for key, value in loop.state[p].items():
+                if key.startswith("factor_L"):  # the factors' product: a basis is only defined up to sign
+                    suffix = key[len("factor_L"):]
+                    got = fast.state[q][key] @ fast.state[q]["factor_R" + suffix]
+                    want = value @ loop.state[p]["factor_R" + suffix]
+                    assert float((got - want).abs().max()) <= 100 * tol * float(want.abs().max()), (name, key)
+                elif key != "factor_R" and not key.startswith("factor_R"):
+                    torch.testing.assert_close(fast.state[q][key], value, rtol=100 * tol, atol=100 * tol * scale)
+
+
+def test_fast_path_routing(monkeypatch) -> None:
+    """fused=None: the fast path from 2**20 elements (not below), never for a compiled step."""
+    from lowmem.optim import adapm as adapm_module
+
+    calls = []
+    real = adapm_module._adapm_fast
+    monkeypatch.setattr(adapm_module, "_adapm_fast", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for numel, expected in ((1000, 0), (1 << 20, 1)):
+        p = torch.zeros(numel, requires_grad=True)
+        opt = AdaPM([p])
+        p.grad = torch.ones(numel)
+        calls.clear()
+        opt.step()
+        assert len(calls) == expected, numel
+    with pytest.raises(ValueError, match="fused='yes'"):
+        AdaPM([torch.zeros(3, requires_grad=True)], fused="yes")
+
+
+def test_float32_cpu_tensors_take_the_native_kernels(monkeypatch) -> None:
+    """On float32 CPU tensors the fast path calls the C kernels (the element-wise step of every
+    block kind, AdaPM-mini's block means), not the compiled ones."""
+    from lowmem.optim import _native
+
+    lib, used = _native.library(), set()
+
+    class Spy:
+        def __getattr__(self, name: str):
+            used.add(name)
+            return getattr(lib, name)
+
+    monkeypatch.setattr(_native, "library", lambda: Spy())
+    torch.manual_seed(0)
+    model = GPT()
+    for second_moment in ("full", "mini"):
+        opt = AdaPM(adapm_param_groups(model, n_heads=4, dim=24), second_moment=second_moment, fused=True)
+        random_grads(model, torch.Generator().manual_seed(0))
+        opt.step()
+    assert {"lowmem_adapm_f32", "lowmem_fanout_mean_sq_f32"} <= used
 
 
 # --------------------------------------------------------------------------- checkpoints and determinism
