@@ -648,3 +648,22 @@ def test_real_ddp_gloo_two_processes_match_one_process(tmp_path):
     for a, b, ref in zip(*ranks, single.parameters()):
         assert torch.equal(a, b)
         assert rel_err(a, ref.detach()) < 1e-10
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_power_sum_is_the_sum_over_tokens(dtype, p, request):
+    """The hooks' reduction: native (float32, one and two threads), chunked (other dtypes, a
+    non-contiguous input) and with the native library off, against float64."""
+    from lowmem.optim._io_stats import power_sum
+
+    x = torch.randn(3, 700, 29, dtype=torch.float64) * 3
+    want = (x.abs() ** p).reshape(-1, 29).sum(0)
+    for t in (x.to(dtype), x.to(dtype).transpose(0, 1)):
+        tol = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
+        got = power_sum(t, p)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert rel_err(got.double(), (t.double().abs() ** p).reshape(-1, 29).sum(0)) < max(tol, 1e-6)
+        assert rel_err(got.double(), want) < tol
+    big = torch.randn(1 << 20 | 7, 3)  # above the kernel's one-thread limit
+    torch.testing.assert_close(power_sum(big, p).double(), (big.double().abs() ** p).sum(0), rtol=1e-6, atol=0)

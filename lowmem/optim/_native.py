@@ -88,6 +88,7 @@ _SIGNATURES = {
                          *[ctypes.POINTER(ctypes.c_int)] * 2, *[ctypes.POINTER(ctypes.c_int64)] * 2,
                          *[ctypes.c_float] * 8, ctypes.c_int],
     "lowmem_fanout_mean_sq_f32": [*[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+    "lowmem_power_sum_f32": [*[ctypes.c_int64] * 2, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int],
     # IO-Adam (lowmem.optim.ioadam): n, rows, cols, slots, w, g, m, a, bt, m_decay, step_size, root, 3 scalars, threads
     "lowmem_ioadam_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 3, *[ctypes.POINTER(ctypes.c_void_p)] * 5,
                           *[ctypes.POINTER(ctypes.c_float)] * 2, ctypes.POINTER(ctypes.c_int), *[ctypes.c_float] * 3,
