@@ -24,6 +24,15 @@ probed in the same round (best of an in-place scale and an in-place addcmul on 2
 parameter: AdamW 28 B, HMAdamW 24 B, AdamS 20 B, SlimAdamW 20-24 B (24 B when every tensor is
 column-compressed, as in the MLP stacks).
 
+AdaPM's low-rank refresh (a randomized SVD every ``refresh_every`` steps) is in the figures,
+amortised: after the rounds above, ``--refresh_rounds`` more rounds step the optimizer with every
+group's ``refresh_every`` set to 1 (every step a refresh, timed against fused AdamW in the same
+rounds), and the reported ratios are ``((T-1) x the ALS rounds' + the refresh rounds') / T``,
+T = ``refresh_every``. Its floor adds the compute floor of the low-rank blocks to the byte floor:
+the time of the three GEMMs of an ALS sweep per block (``M Q``, ``L'^T M`` and the n x m
+correction ``[L, L'][R; -R']``, 8 n m r multiply-adds), timed with the same shapes in every round
+(``lowrank_gemm_probe``).
+
 The compile caches of Inductor and of the native kernels (``lowmem.optim._native``, built once
 per process: the first optimizer to use them pays it) are pointed at fresh temporary directories
 (unless ``--warm-compile-cache``), so the start-up figure is the cold cost a first use pays.
@@ -57,8 +66,9 @@ __all__ = ["main", "step_times", "throughput"]
 FOREACH = "AdamW (foreach)"
 SPEED_OPTIMIZERS = ("AdamW (fused)", "AdamW (foreach)", "HMAdamW", "AdamS", "SlimAdamW", "Adam-mini", "AdaPM",
                     "AdaPM-mini", "IO-Adam", "Adafactor")  # fmt: skip
-# Issue 4's targets: (step time / fused AdamW) and (step time / own floor) upper bounds.
-TARGETS = {"HMAdamW": (0.95, 1.25), "AdamS": (0.85, 1.25), "SlimAdamW": (0.85, 1.25)}
+# Issue 4's and issue 19's targets: (step time / fused AdamW) and (step time / own floor) upper bounds.
+TARGETS = {"HMAdamW": (0.95, 1.25), "AdamS": (0.85, 1.25), "SlimAdamW": (0.85, 1.25), "AdaPM": (1.5, 2.0),
+           "AdaPM-mini": (1.5, 2.0), "IO-Adam": (1.3, 2.0)}  # fmt: skip
 MLP_WIDTH = 512
 
 
@@ -130,20 +140,75 @@ def reread_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def refresh_every(optimizer: torch.optim.Optimizer) -> int | None:
+    """AdaPM's ``refresh_every`` (the largest over groups with low-rank blocks), else None."""
+    values = [g["refresh_every"] for g in optimizer.param_groups
+              if "refresh_every" in g and g.get("momentum") in ("lowrank", "qkv")]  # fmt: skip
+    return max(values) if values else None
+
+
+def lowrank_gemm_probe(optimizer: torch.optim.Optimizer) -> Callable[[], float] | None:
+    """For AdaPM: a callable timing the three GEMMs of one ALS sweep of every low-rank block (the
+    compute floor of its step: ``g Q`` (n x m x r), ``L'^T g`` (r x n x m) and the n x m
+    correction ``[L, L'] [R; -R']`` (n x 2r x m), 8 n m r multiply-adds), on random tensors of the
+    blocks' shapes (one set per distinct shape, reused); None for other optimizers."""
+    from lowmem.optim.adapm import _segments
+
+    shapes: list[tuple[int, int, int]] = []
+    for group in optimizer.param_groups:
+        if group.get("momentum") not in ("lowrank", "qkv"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for suffix, kind, span in _segments(p.shape, group):
+                if kind == "lowrank" and "factor_L" + suffix in state:
+                    (n, r), m = state["factor_L" + suffix].shape, state["factor_R" + suffix].shape[1]
+                    shapes.append((n, m, r))
+    if not shapes:
+        return None
+    tensors = {}
+    for n, m, r in set(shapes):
+        tensors[(n, m, r)] = (torch.randn(n, m), torch.randn(m, r), torch.randn(n, r), torch.randn(n, 2 * r),
+                              torch.randn(2 * r, m), torch.empty(n, r), torch.empty(r, m), torch.empty(n, m))
+
+    def probe() -> float:
+        start = time.perf_counter()
+        for shape in shapes:
+            g, q, L, L2, R2, y, rr, out = tensors[shape]
+            torch.mm(g, q, out=y)
+            torch.mm(L.T, g, out=rr)
+            torch.mm(L2, R2, out=out)
+        return time.perf_counter() - start
+
+    return probe
+
+
 def _summary(name: str, times: list[float], base: list[float], bandwidth: list[float], first: float,
-             sizes: dict) -> dict:  # fmt: skip
-    """A table row from per-round step times (optimizer, fused AdamW) and bandwidths (GB/s)."""
+             sizes: dict, gemm: list[float] | None = None, refresh: tuple[list[float], list[float], int] | None = None,
+             ) -> dict:  # fmt: skip
+    """A table row from per-round step times (optimizer, fused AdamW), bandwidths (GB/s), the
+    GEMM probe's times (AdaPM) and the refresh rounds (their step times, fused AdamW's, and T)."""
     row = {"optimizer": name, "first": first, **sizes}
-    floors = [floor_bytes(row) / (bw * 1e9) for bw in bandwidth]
+    floors = [floor_bytes(row) / (bw * 1e9) + (gemm[i] if gemm else 0.0) for i, bw in enumerate(bandwidth)]
     row.update(median=statistics.median(times), base_median=statistics.median(base),
                vs_fused=statistics.median(t / b for t, b in zip(times, base)),
                vs_floor=statistics.median(t / f for t, f in zip(times, floors)), floor=statistics.median(floors),
-               bandwidth=statistics.median(bandwidth))  # fmt: skip
+               bandwidth=statistics.median(bandwidth), gemm=statistics.median(gemm) if gemm else None,
+               refresh=None)  # fmt: skip
+    if refresh:
+        r_times, r_base, every = refresh
+        floor = row["floor"]
+        r_vs_fused = statistics.median(t / b for t, b in zip(r_times, r_base))
+        row.update(refresh={"vs_fused": r_vs_fused, "median": statistics.median(r_times), "every": every},
+                   als_vs_fused=row["vs_fused"], als_vs_floor=row["vs_floor"],
+                   vs_fused=((every - 1) * row["vs_fused"] + r_vs_fused) / every,
+                   vs_floor=((every - 1) * row["vs_floor"] + statistics.median(r_times) / floor) / every,
+                   median=((every - 1) * row["median"] + statistics.median(r_times)) / every)  # fmt: skip
     return row
 
 
 def step_times(size: str, names: Sequence[str], fast: bool, repeats: int, warmup: int,
-               probe: Callable[[], float]) -> tuple[list[dict], str, int]:  # fmt: skip
+               probe: Callable[[], float], refresh_rounds: int = 3) -> tuple[list[dict], str, int]:  # fmt: skip
     """One row per optimizer, each timed in rounds interleaved with fused AdamW and a bandwidth probe.
 
     Every round: a backward pass for the optimizer's model (untimed), then ``step()`` of fused
@@ -171,8 +236,9 @@ def step_times(size: str, names: Sequence[str], fast: bool, repeats: int, warmup
         _backward(model, loss_fn)
         first = _timed(optimizer.step)
         sizes = {**state_bytes(optimizer), "reread": reread_bytes(optimizer)}  # grads still present: what the step read
+        gemm_probe = lowrank_gemm_probe(optimizer)
         optimizer.zero_grad()
-        times, base, bandwidth = [], [], []
+        times, base, bandwidth, gemm = [], [], [], []
         for i in range(warmup + repeats):
             _backward(model, loss_fn)
             if i % 2:
@@ -180,12 +246,33 @@ def step_times(size: str, names: Sequence[str], fast: bool, repeats: int, warmup
             else:
                 t, b = _timed(optimizer.step), _timed(base_opt.step)
             bw = probe()
+            g = gemm_probe() if gemm_probe else 0.0
             optimizer.zero_grad()
             if i >= warmup:
                 times.append(t)
                 base.append(b)
                 bandwidth.append(bw)
-        rows.append(_summary(name, times, base, bandwidth, first, sizes))
+                gemm.append(g)
+        refresh = None
+        every = refresh_every(optimizer)
+        if every is not None and every > 1 and refresh_rounds > 0:  # every step a refresh, then amortised
+            saved = [g["refresh_every"] for g in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["refresh_every"] = 1
+            r_times, r_base = [], []
+            for i in range(refresh_rounds):
+                _backward(model, loss_fn)
+                if i % 2:
+                    b, t = _timed(base_opt.step), _timed(optimizer.step)
+                else:
+                    t, b = _timed(optimizer.step), _timed(base_opt.step)
+                optimizer.zero_grad()
+                r_times.append(t)
+                r_base.append(b)
+            for group, value in zip(optimizer.param_groups, saved):
+                group["refresh_every"] = value
+            refresh = (r_times, r_base, every)
+        rows.append(_summary(name, times, base, bandwidth, first, sizes, gemm if gemm_probe else None, refresh))
         base_times += base
         base_bandwidth += bandwidth
         del model, optimizer
@@ -199,6 +286,14 @@ def step_table(rows: list[dict], n_params: int) -> str:
     foreach = by.get(FOREACH)
     headers = ["optimizer", "step ms (median)", "fused AdamW ms, same rounds", "vs fused AdamW", "vs foreach AdamW",
                "floor B/param", "floor ms", "vs own floor", "state vs AdamW", "first step ms"]  # fmt: skip
+    notes = []
+    for r in rows:
+        if r.get("refresh"):
+            notes.append(f"{r['optimizer']}: ALS steps {r['als_vs_fused']:.2f}x fused AdamW ({r['als_vs_floor']:.2f}x "
+                         f"its floor), refresh steps {r['refresh']['vs_fused']:.2f}x ({r['refresh']['median'] * 1e3:.0f}"
+                         f" ms), amortised over refresh_every = {r['refresh']['every']} in the row")  # fmt: skip
+        if r.get("gemm"):
+            notes.append(f"{r['optimizer']}: floor = bytes / bandwidth + {r['gemm'] * 1e3:.1f} ms of low-rank GEMMs")
     table = [
         [r["optimizer"], f"{r['median'] * 1e3:.1f}", f"{r['base_median'] * 1e3:.1f}", f"{r['vs_fused']:.2f}x",
          f"{r['vs_fused'] / foreach['vs_fused']:.2f}x" if foreach else "n/a",
@@ -206,7 +301,8 @@ def step_table(rows: list[dict], n_params: int) -> str:
          f"{r['state'] / by[BASELINE]['state']:.1%}", f"{r['first'] * 1e3:.0f}"]
         for r in rows
     ]  # fmt: skip
-    return markdown_table(headers, table)
+    text = markdown_table(headers, table)
+    return text + ("\n\n" + "; ".join(notes) + "." if notes else "")
 
 
 def target_table(rows: list[dict]) -> str:
@@ -274,6 +370,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--optimizers", nargs="+", default=list(SPEED_OPTIMIZERS), help="optimizer names")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per optimizer (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first step")
+    parser.add_argument("--refresh_rounds", type=int, default=3,
+                        help="AdaPM: rounds with every step a refresh, amortised into its row (0: none)")
     parser.add_argument("--bandwidth_mib", type=int, default=512, help="tensor size of the bandwidth kernels")
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), help="throughput families (none: skip)")
     parser.add_argument("--throughput_optimizers", nargs="+", default=list(CONFIG_OPTIMIZERS), help="config names")
@@ -286,6 +384,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if args.quick:
         args.sizes = ["1M"] if args.sizes else []
         args.repeats, args.warmup, args.bandwidth_mib, args.throughput_steps = 2, 1, 16, 2
+        args.refresh_rounds = min(args.refresh_rounds, 1)
     unknown = set(args.optimizers) - set(SPEED_OPTIMIZERS)
     if unknown:
         parser.error(f"unknown optimizer(s) {sorted(unknown)}; choose from {list(SPEED_OPTIMIZERS)}")
@@ -340,7 +439,7 @@ def render_steps(results: dict, args: argparse.Namespace, argv: Sequence[str], l
                      f"\n\n{step_table(rows, n_params)}\n")  # fmt: skip
         targets = target_table(rows)
         if targets:
-            parts.append(f"Targets (issue 4) at {size}:\n\n{targets}\n")
+            parts.append(f"Targets (issue 4) at {size} (AdaPM, AdaPM-mini, IO-Adam: issue 19):\n\n{targets}\n")
     figure = args.out / "figures" / "speed.png"
     plot(results, figure)
     parts.append(f"![step time relative to fused AdamW and to the own floor](figures/{figure.name})\n")
@@ -369,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         for size in args.sizes:
             bandwidth = measure_bandwidth(args.bandwidth_mib)
             log(f"speed: bandwidth {bandwidth}")
-            rows = step_times(size, args.optimizers, not args.quick, args.repeats, args.warmup, probe)
+            rows = step_times(size, args.optimizers, not args.quick, args.repeats, args.warmup, probe,
+                              args.refresh_rounds)  # fmt: skip
             results[size] = (*rows, bandwidth)
         texts.append(render_steps(results, args, argv, load_before))
         write_section(args.out, "speed", texts[-1])
