@@ -10,8 +10,8 @@ mean ± std against AdamW, and a loss-curve figure per family.
 Each run is ``configs/<family>_<optimizer>.yaml`` through ``LowMemCLI`` with
 ``--trainer.max_steps=N --trainer.max_epochs=-1 --seed_everything=S`` (diffusion also seeds its
 noise generator and its training order with S), then ``trainer.validate`` on the validation set for the final loss.
-Variants beyond the configs: HMAdamW's variance corrections ``stationary`` and ``none`` (the
-config uses ``noise``), AdamS with beta2 0.999 (the config uses 0.95), and SlimAdamW with the
+Variants beyond the configs: HMAdamW's variance corrections ``stationary``, ``none`` and ``hook``
+(the config uses ``noise``), AdamS with beta2 0.999 (the config uses 0.95), and SlimAdamW with the
 rules ``lowmem snr`` measured on the family's AdamW config (``configs/rules/<family>_snr.json``,
 docs/snr.md) beside SlimAdamW's role-table default.
 
@@ -313,7 +313,8 @@ def plot_sensitivity(family: str, runs: list[dict], grid_seed: int, path: Path) 
             ax.errorbar([at_best[0]["lr"]], [statistics.fmean(vals)], yerr=[statistics.stdev(vals)], color=colors(i % 10),
                         marker="*", ms=11, capsize=4)  # fmt: skip
     ax.set_xscale("log")
-    ax.set(xlabel="peak learning rate (warm-up + cosine)", ylabel="final validation loss",
+    ax.set_yscale("log")  # diverged lrs end near the initial loss, orders of magnitude above the best
+    ax.set(xlabel="peak learning rate (warm-up + cosine)", ylabel="final validation loss (log scale)",
            title=f"{family}: lr sensitivity (seed {grid_seed}; star: mean ± std over the seeds at the best lr)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
