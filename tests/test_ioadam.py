@@ -326,7 +326,10 @@ def test_fast_step_follows_the_for_loop(mode, p, fused, backend, request):
         (make_net(dtype=dtype), lambda: (torch.randn(3, 4, IN, generator=gen),), lambda out: out.square().mean()),
         (TiedLM().to(dtype), lambda: (torch.randint(0, 13, (4, 6), generator=gen),), lambda out: out.square().mean()),
         (ConvNet().to(dtype), lambda: (torch.randn(2, 5, SIZES[0][0], generator=gen),), lambda out: out.abs().mean()),
-    ]
+        # rows of 130 and 70 columns: the kernel's 64-column register tiles and its remainder
+        (nn.Sequential(nn.Linear(130, 70), nn.Tanh(), nn.Linear(70, 3)).to(dtype),
+         lambda: (torch.randn(9, 130, generator=gen),), lambda out: out.square().mean()),
+    ]  # fmt: skip
     for net, inputs, loss in cases:
         twin = copy.deepcopy(net)
         kw = dict(lr=1e-2, buffer_size=3, p=p, buffer_mode=mode, fused=fused)
