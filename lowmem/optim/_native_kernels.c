@@ -480,9 +480,8 @@ int lowmem_ioadam_f32(int n, const int64_t *rows, const int64_t *cols, const int
 
 /* ---- IO-Adam's statistics (lowmem.optim._io_stats.power_sum) -------------------------------------
  * out[j] = sum_t |x[t, j]|^p over the T rows of a row-major (T x F) matrix (the tokens of a layer
- * input or output gradient), accumulated in double per thread over its share of the rows, then
- * added: one read of x, no x-sized temporary (p = 2: x*x in double; else powf). Returns 1 if the
- * per-thread sums cannot be allocated. */
+ * input or output gradient), per thread over its share of the rows, then added: one read of x, no
+ * x-sized temporary (p = 2: x*x; else powf). Returns 1 if the per-thread sums cannot be allocated. */
 int lowmem_power_sum_f32(int64_t T, int64_t F, const float *restrict x, float p, float *restrict out, int threads) {
     /* Below 2^20 elements one thread: the pass takes < 1 ms on one core, and a parallel region
      * waits at its end for every thread: on the shared 2-core machine this was measured on, any
@@ -490,21 +489,36 @@ int lowmem_power_sum_f32(int64_t T, int64_t F, const float *restrict x, float p,
      * for a layer input of 2048 tokens x 128-512 features). */
     if (T * F < (1 << 20)) threads = 1;
     double *sums = calloc((size_t)threads * (size_t)F, sizeof(double));
-    if (sums == NULL) return 1;
+    float *block_sums = malloc((size_t)threads * (size_t)F * sizeof(float));
+    if (sums == NULL || block_sums == NULL) {
+        free(sums);
+        free(block_sums);
+        return 1;
+    }
     const int square = p == 2.0f;
 #pragma omp parallel num_threads(threads)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t lo = T * t / nt, hi = T * (t + 1) / nt;
         double *acc = sums + (size_t)t * (size_t)F;
-        for (int64_t r = lo; r < hi; r++) {
-            const float *xr = x + r * F;
-            if (square) {
+        float *blk = block_sums + (size_t)t * (size_t)F;
+        /* float sums over blocks of COLS_BLOCK rows, each block's added in double (as the SlimAdamW
+         * cols kernel): float-speed SIMD, the rounding of a COLS_BLOCK-term float sum */
+        for (int64_t r0 = lo; r0 < hi; r0 += COLS_BLOCK) {
+            const int64_t r1 = r0 + COLS_BLOCK < hi ? r0 + COLS_BLOCK : hi;
 #pragma omp simd
-                for (int64_t j = 0; j < F; j++) acc[j] += (double)xr[j] * (double)xr[j];
-            } else {
-                for (int64_t j = 0; j < F; j++) acc[j] += (double)powf(fabsf(xr[j]), p);
+            for (int64_t j = 0; j < F; j++) blk[j] = 0.0f;
+            for (int64_t r = r0; r < r1; r++) {
+                const float *xr = x + r * F;
+                if (square) {
+#pragma omp simd
+                    for (int64_t j = 0; j < F; j++) blk[j] += xr[j] * xr[j];
+                } else {
+                    for (int64_t j = 0; j < F; j++) blk[j] += powf(fabsf(xr[j]), p);
+                }
             }
+#pragma omp simd
+            for (int64_t j = 0; j < F; j++) acc[j] += (double)blk[j];
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -515,5 +529,6 @@ int lowmem_power_sum_f32(int64_t T, int64_t F, const float *restrict x, float p,
         }
     }
     free(sums);
+    free(block_sums);
     return 0;
 }
