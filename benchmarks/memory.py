@@ -56,6 +56,14 @@ class ModelSpec:
     describe: str
 
 
+def _warm_up(model: Any, optimizer: Any, batch: Any) -> None:
+    """One training step before measuring: creates the optimizer state and compiles fast paths."""
+    loss = model.compute_loss(batch)[0]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def model_specs(quick: bool = False) -> list[ModelSpec]:
     from lowmem.lightning_modules import DiffusionModel, ImageClassifier, LanguageModel
 
@@ -92,11 +100,7 @@ def measure(spec: ModelSpec, builders: dict[str, Builder]) -> list[dict[str, Any
         torch.manual_seed(0)
         model, batch = spec.build(), spec.batch()
         optimizer = build(model)
-        loss = model.compute_loss(batch)[0]  # warm-up step: creates the state, compiles fast paths
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        del loss
+        _warm_up(model, optimizer, batch)
         peak, where, sizes = peak_step_bytes(model, optimizer, batch)
         rows.append({"optimizer": name, "n_params": count_params(model), "peak": peak, "peak_phase": where, **sizes})
         del model, optimizer, batch
@@ -155,11 +159,7 @@ def measure_regime(regime: Regime, builders: dict[str, Builder], quick: bool = F
         b, t = regime.micro_batch
         batch = (torch.randint(0, vocab, (b, t)), torch.randint(0, vocab, (b, t)))
         optimizer = build(model)
-        loss = model.compute_loss(batch)[0]  # warm-up step: creates the state, compiles fast paths
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        del loss
+        _warm_up(model, optimizer, batch)
         peak, where, sizes = peak_step_bytes(model, optimizer, batch, micro_batches=regime.micro_batches)
         rows.append({"optimizer": name, "n_params": count_params(model), "peak": peak, "peak_phase": where, **sizes})
         del model, optimizer, batch
