@@ -30,8 +30,8 @@ group's ``refresh_every`` set to 1 (every step a refresh, timed against fused Ad
 rounds), and the reported ratios are ``((T-1) x the ALS rounds' + the refresh rounds') / T``,
 T = ``refresh_every``. Its floor adds the compute floor of the low-rank blocks to the byte floor:
 the time of the three GEMMs of an ALS sweep per block (``M Q``, ``L'^T M`` and the n x m
-correction ``[L, L'][R; -R']``, 8 n m r multiply-adds), timed with the same shapes in every round
-(``lowrank_gemm_probe``).
+correction ``[L, L'][R; -R']``, 8 n m r multiply-adds), timed on the blocks' gradients in every
+round (``lowrank_gemm_probe``).
 
 The compile caches of Inductor and of the native kernels (``lowmem.optim._native``, built once
 per process: the first optimizer to use them pays it) are pointed at fresh temporary directories
@@ -150,11 +150,12 @@ def refresh_every(optimizer: torch.optim.Optimizer) -> int | None:
 def lowrank_gemm_probe(optimizer: torch.optim.Optimizer) -> Callable[[], float] | None:
     """For AdaPM: a callable timing the three GEMMs of one ALS sweep of every low-rank block (the
     compute floor of its step: ``g Q`` (n x m x r), ``L'^T g`` (r x n x m) and the n x m
-    correction ``[L, L'] [R; -R']`` (n x 2r x m), 8 n m r multiply-adds), on random tensors of the
-    blocks' shapes (one set per distinct shape, reused); None for other optimizers."""
-    from lowmem.optim.adapm import _segments
+    correction ``[L, L'] [R; -R']`` (n x 2r x m), 8 n m r multiply-adds), on the blocks' gradients
+    as they are when it is called (each read from memory, as the step reads it) with random
+    factors and preallocated outputs (one set per distinct shape); None for other optimizers."""
+    from lowmem.optim.adapm import _part, _segments
 
-    shapes: list[tuple[int, int, int]] = []
+    blocks: list[tuple[torch.Tensor, int, tuple[int, int] | None, tuple[int, int, int]]] = []
     for group in optimizer.param_groups:
         if group.get("momentum") not in ("lowrank", "qkv"):
             continue
@@ -163,18 +164,21 @@ def lowrank_gemm_probe(optimizer: torch.optim.Optimizer) -> Callable[[], float] 
             for suffix, kind, span in _segments(p.shape, group):
                 if kind == "lowrank" and "factor_L" + suffix in state:
                     (n, r), m = state["factor_L" + suffix].shape, state["factor_R" + suffix].shape[1]
-                    shapes.append((n, m, r))
-    if not shapes:
+                    blocks.append((p, group["fan_out_dim"], span, (n, m, r)))
+    if not blocks:
         return None
     tensors = {}
-    for n, m, r in set(shapes):
-        tensors[(n, m, r)] = (torch.randn(n, m), torch.randn(m, r), torch.randn(n, r), torch.randn(n, 2 * r),
-                              torch.randn(2 * r, m), torch.empty(n, r), torch.empty(r, m), torch.empty(n, m))
+    for n, m, r in {b[3] for b in blocks}:
+        tensors[(n, m, r)] = (torch.randn(m, r), torch.randn(n, r), torch.randn(n, 2 * r), torch.randn(2 * r, m),
+                              torch.empty(n, r), torch.empty(r, m), torch.empty(n, m))  # fmt: skip
 
     def probe() -> float:
         start = time.perf_counter()
-        for shape in shapes:
-            g, q, L, L2, R2, y, rr, out = tensors[shape]
+        for p, dim, span, shape in blocks:
+            g = _part(p.grad, dim, span) if p.grad is not None else None
+            if g is None:
+                continue
+            q, L, L2, R2, y, rr, out = tensors[shape]
             torch.mm(g, q, out=y)
             torch.mm(L.T, g, out=rr)
             torch.mm(L2, R2, out=out)

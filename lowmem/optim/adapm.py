@@ -469,7 +469,8 @@ def _single_thread(t: torch.Tensor) -> Iterator[None]:
 
 
 def _fast_lowrank(
-    g: torch.Tensor, L: torch.Tensor, R: torch.Tensor, beta1: float, refresh: bool, seed: int
+    g: torch.Tensor, L: torch.Tensor, R: torch.Tensor, beta1: float, refresh: bool, seed: int,
+    out: torch.Tensor | None = None,
 ) -> tuple[int, torch.Tensor]:
     """The low-rank block of :func:`_lowrank_momentum` (one process) without the n x m temporary
     ``M = (1-b1) g + b1 L R``; updates ``L``, ``R`` in place and returns ``(mode, t)``: mode 2,
@@ -482,7 +483,9 @@ def _fast_lowrank(
         R'    = (1-b1) L'^T g + b1 (L'^T L) R      one GEMM over g
         m_c   = L' R' + (M - L' R')/(1-b1) = g + (b1/(1-b1)) [L, L'] [R; -R']   one GEMM (inner 2r)
 
-    8 n m r multiply-adds in all, as the for-loop, but no pass that forms ``M`` or ``m_c``.
+    8 n m r multiply-adds in all, as the for-loop, but no pass that forms ``M`` or ``m_c``. ``out``
+    (n x m, optional) receives the correction: a scratch buffer reused from block to block (a fresh
+    n x m tensor per block costs its page faults).
     """
     g = g.to(L.dtype)
     if refresh:
@@ -501,7 +504,9 @@ def _fast_lowrank(
         left, right = torch.cat([L, new_L], 1), torch.cat([R * c, new_R * -c], 0)
         L.copy_(new_L)
         R.copy_(new_R)
-    return 2, left @ right
+    if out is None:
+        return 2, left @ right
+    return 2, torch.mm(left, right, out=out)
 
 
 def _adapm_kernel(
@@ -627,13 +632,16 @@ def _adapm_fast(
     GEMMs over ``g`` (:func:`_fast_lowrank`) and one n x m temporary, the correction ``t`` that the
     kernel adds to ``g``; AdaPM-mini's block means are one native reduction. One step count read
     per distinct step (``step_groups``), not one ``.item()`` per parameter. Memory: each low-rank
-    block's temporary is freed before the next block starts (as in the loop).
+    block's correction lives in one scratch buffer (the group's largest low-rank parameter) reused
+    from block to block, freed with the step.
     """
     kind, mini, adamw = group["momentum"], second_moment == "mini", group["momentum"] == "adamw"
     own = [i for i, p in enumerate(params) if not is_sharded(p) and p.numel() > 0]
     if not own:
         return params, grads, states
     dim = group["fan_out_dim"]
+    scratch_numel = max((params[i].numel() for i in own), default=0) if kind in ("lowrank", "qkv") else 0
+    scratch = None  # the low-rank corrections of one parameter at a time (q and k of a q/k/v side by side)
     for step, positions in step_groups([states[i]["step"] for i in own]).items():
         step = int(step)
         refresh = (step - 1) % group["refresh_every"] == 0
@@ -662,15 +670,21 @@ def _adapm_fast(
             segments = _segments(w.shape, group)
             if not segments:
                 pieces.add(w, g, None, den, 0, full_v, div, length)
-            elif segments[0][1] == "full":
+                continue
+            if segments[0][1] == "full":
                 pieces.add(w, g, state["exp_avg"], den, 1, full_v, div, length)
-            elif kind == "lowrank":
-                mode, t = _fast_lowrank(g, state["factor_L"], state["factor_R"], beta1, refresh, step)
+                continue
+            factor_dtype = state["factor_L" + segments[0][0]].dtype
+            if scratch is None or scratch.dtype != factor_dtype or scratch.device != w.device:
+                scratch = torch.empty(scratch_numel, dtype=factor_dtype, device=w.device)
+            if kind == "lowrank":
+                out = scratch[: g.numel()].view(g.shape)
+                mode, t = _fast_lowrank(g, state["factor_L"], state["factor_R"], beta1, refresh, step, out)
                 lowrank = _Pieces(scalars)
                 lowrank.add(w, g, t, den, mode, full_v, div, length)
-                lowrank.flush()  # frees t before the next block
+                lowrank.flush()  # before the next block reuses the scratch
             elif dim % w.ndim == 0:  # q/k/v rows: three pieces, each its own rows of everything
-                parts = _Pieces(scalars)
+                parts, offset = _Pieces(scalars), 0
                 for suffix, part_kind, (start, rows) in segments:
                     part = [x.narrow(0, start, rows) for x in (w, g)]
                     if full_v:
@@ -683,18 +697,21 @@ def _adapm_fast(
                         mode, t = 1, state["exp_avg" + suffix]
                     else:
                         L, R = state["factor_L" + suffix], state["factor_R" + suffix]
-                        mode, t = _fast_lowrank(part[1], L, R, beta1, refresh, step)
+                        out = scratch[offset : offset + part[1].numel()].view(part[1].shape)
+                        offset += part[1].numel()
+                        mode, t = _fast_lowrank(part[1], L, R, beta1, refresh, step, out)
                     parts.add(*part, t, part_den, mode, full_v, div, part_len)
                 parts.flush()
             else:  # q/k/v columns (a Conv1D's layout): the momentum as one tensor, then the kernel
-                mom = torch.empty_like(g, dtype=torch.promote_types(g.dtype, state["factor_L_q"].dtype))
+                mom = torch.empty_like(g, dtype=torch.promote_types(g.dtype, factor_dtype))
                 for suffix, part_kind, span in segments:
                     g_part, m_part = g.narrow(dim, *span), mom.narrow(dim, *span)
                     if part_kind == "full":
                         m_part.copy_(state["exp_avg" + suffix].lerp_(g_part, 1 - beta1))
                         continue
                     L, R = state["factor_L" + suffix], state["factor_R" + suffix]
-                    mode, t = _fast_lowrank(g_part, L, R, beta1, refresh, step)
+                    out = scratch[: g_part.numel()].view(g_part.shape)
+                    mode, t = _fast_lowrank(g_part, L, R, beta1, refresh, step, out)
                     m_part.copy_(t)
                     if mode == 2:
                         m_part.add_(g_part)
