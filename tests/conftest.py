@@ -72,3 +72,19 @@ def native_kernels(monkeypatch):
 
     monkeypatch.setattr(_native, "library", lambda: Counting())
     return calls
+
+
+@pytest.fixture(scope="module")
+def native_build(tmp_path_factory):
+    """The native kernels built with the real compiler (every flag it accepts), once per module,
+    into a cache of their own: the library file's path."""
+    from _native_state import library_files, new_process
+
+    from lowmem.optim import _native
+
+    folder = tmp_path_factory.mktemp("native_build")
+    with pytest.MonkeyPatch.context() as mp:
+        new_process(mp, folder)
+        assert _native.library() is not None, "the native kernels could not be built here"
+    (path,) = library_files(folder)
+    return path

@@ -14,10 +14,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 import pytest
+from _native_state import library_files, new_process, quiet_library
 
 from lowmem.optim import _native
 
@@ -36,34 +36,8 @@ int lowmem_unrelated(void) { return 0; }
 NOT_PRIVATE = r"kernel cache .* is owned by another user or writable by group/others.*Fix: chown"
 
 
-def _compiler() -> str:
-    return os.environ.get("CC") or shutil.which("cc") or "cc"
-
-
-def _new_process(mp: pytest.MonkeyPatch, cache: Path) -> None:
-    """What library() sees in a new process using ``cache``: nothing loaded, nothing failed."""
-    mp.setattr(_native, "_library", None)
-    mp.setattr(_native, "_failed", False)
-    mp.setenv("LOWMEM_CACHE_DIR", str(cache))
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _library_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("lowmem_native_*.so"))
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """The kernels, built once into a cache of their own."""
-    folder = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as mp:
-        _new_process(mp, folder)
-        assert _native.library() is not None, "the native kernels could not be built here"
-    (path,) = _library_files(folder)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -71,42 +45,35 @@ def foreign(tmp_path_factory) -> Path:
     """A shared library with no kernels (see FOREIGN_C)."""
     folder = tmp_path_factory.mktemp("foreign")
     (folder / "foreign.c").write_text(FOREIGN_C)
-    command = [_compiler(), "-shared", "-fPIC", str(folder / "foreign.c"), "-o", str(folder / "foreign.so")]
+    command = [_native.c_compiler(), "-shared", "-fPIC", str(folder / "foreign.c"), "-o", str(folder / "foreign.so")]
     subprocess.run(command, check=True, capture_output=True)
     return folder / "foreign.so"
 
 
 @pytest.fixture
-def cache(monkeypatch, tmp_path, built) -> Path:
+def cache(monkeypatch, tmp_path, native_build) -> Path:
     """A new process's private cache holding a copy of the build; temp folders (mkdtemp's fallback,
     ``<tmp>/lowmem-<uid>``) go under ``tmp_path/"tmp"``, and the marker to ``tmp_path/"marker"``."""
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
-    shutil.copy2(built, folder / built.name)
+    shutil.copy2(native_build, folder / native_build.name)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setenv("LOWMEM_TEST_MARKER", str(tmp_path / "marker"))
-    _new_process(monkeypatch, folder)
+    new_process(monkeypatch, folder)
     return folder
 
 
 def _plant(folder: Path, content: bytes, *, hash_in_name: bool) -> Path:
     """Replace the cached build by ``content``: under the build's own name (its hash no longer
     matches) or under the name that carries the content's SHA-256 (the hash check passes)."""
-    (path,) = _library_files(folder)
+    (path,) = library_files(folder)
     if hash_in_name:
         path.unlink()
         path = path.with_name(f"{path.stem.rsplit('_', 1)[0]}_{hashlib.sha256(content).hexdigest()}.so")
     path.write_bytes(content)
     path.chmod(0o700)
     return path
-
-
-def _quiet_library():
-    """library(), failing the test on any warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return _native.library()
 
 
 def _assert_kernels(lib) -> None:
@@ -116,24 +83,24 @@ def _assert_kernels(lib) -> None:
 
 
 # ------------------------------------------------------------------------ what stays as it was
-def test_a_verified_cached_library_is_loaded_as_is(cache, built):
-    (path,) = _library_files(cache)
+def test_a_verified_cached_library_is_loaded_as_is(cache, native_build):
+    (path,) = library_files(cache)
     inode = path.stat().st_ino
-    _assert_kernels(_quiet_library())
+    _assert_kernels(quiet_library())
     assert sorted(cache.iterdir()) == [path] and path.stat().st_ino == inode  # not rebuilt, nothing beside it
-    assert path.name == built.name  # the cache key: same source, flags, compiler, CPU
+    assert path.name == native_build.name  # the cache key: same source, flags, compiler, CPU
 
 
 def test_new_cache_folder_and_library_are_private_whatever_the_umask(monkeypatch, tmp_path):
     folder = tmp_path / "new" / "cache"
-    _new_process(monkeypatch, folder)
+    new_process(monkeypatch, folder)
     old = os.umask(0o002)  # a common default (user private groups): group-writable files
     try:
-        _assert_kernels(_quiet_library())
-        (path,) = _library_files(folder)
+        _assert_kernels(quiet_library())
+        (path,) = library_files(folder)
         inode = path.stat().st_ino
-        _new_process(monkeypatch, folder)
-        _assert_kernels(_quiet_library())
+        new_process(monkeypatch, folder)
+        _assert_kernels(quiet_library())
     finally:
         os.umask(old)
     assert folder.stat().st_mode & 0o077 == 0
@@ -157,7 +124,7 @@ def test_a_cache_folder_others_can_change_is_not_used(cache, foreign, monkeypatc
     assert not (tmp_path / "marker").exists()  # the planted library never ran
     assert sorted(cache.iterdir()) == before  # nothing read, written or deleted there
     assert len(list((tmp_path / "tmp").glob("lowmem-*/lowmem_native_*.so"))) == 1  # built in a fresh folder
-    _assert_kernels(_quiet_library())  # warned once
+    _assert_kernels(quiet_library())  # warned once
 
 
 def test_a_planted_predictable_temp_folder_is_not_used(cache, foreign, monkeypatch, tmp_path):
@@ -186,9 +153,9 @@ def test_without_getuid_the_ownership_check_is_skipped(cache, monkeypatch, tmp_p
         (tmp_path / "file").touch()
         monkeypatch.delenv("LOWMEM_CACHE_DIR")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file" / "cache"))
-    _assert_kernels(_quiet_library())
+    _assert_kernels(quiet_library())
     folder = cache if configured == "LOWMEM_CACHE_DIR" else tmp_path / "tmp" / "lowmem"
-    assert len(_library_files(folder)) == 1
+    assert len(library_files(folder)) == 1
 
 
 # ----------------------------------------------------------------- files that must not load
@@ -197,26 +164,26 @@ def test_without_getuid_the_ownership_check_is_skipped(cache, monkeypatch, tmp_p
     [("garbage", False), ("truncated", False), ("foreign", False), ("garbage", True), ("foreign", True)],
     ids=["garbage", "truncated", "foreign", "garbage, hash matches", "foreign, hash matches"],
 )
-def test_a_corrupt_or_foreign_cached_library_is_rebuilt(cache, built, foreign, tmp_path, content, hash_in_name):
+def test_a_corrupt_or_foreign_cached_library_is_rebuilt(cache, native_build, foreign, tmp_path, content, hash_in_name):
     """Hash mismatch: refused unread (a truncated ELF must never reach dlopen, which can kill the
     process with SIGBUS). Hash matches, so the file came from a build: dlopen fails, or a kernel is
     missing. Either way it is deleted and rebuilt once, quietly."""
-    data = {"garbage": b"\x7fELF not really" * 64, "truncated": built.read_bytes()[:4096],
+    data = {"garbage": b"\x7fELF not really" * 64, "truncated": native_build.read_bytes()[:4096],
             "foreign": foreign.read_bytes()}[content]  # fmt: skip
     _plant(cache, data, hash_in_name=hash_in_name)
-    _assert_kernels(_quiet_library())
-    (path,) = _library_files(cache)  # the bad file is gone
+    _assert_kernels(quiet_library())
+    (path,) = library_files(cache)  # the bad file is gone
     assert path.name.endswith(f"_{_sha256(path)}.so") and path.read_bytes() != data
     if not hash_in_name:
         assert not (tmp_path / "marker").exists()  # refused by its hash, never loaded
 
 
 def test_a_cached_library_whose_permissions_others_can_change_is_rebuilt(cache):
-    (path,) = _library_files(cache)
+    (path,) = library_files(cache)
     path.chmod(0o777)
     inode = path.stat().st_ino
-    _assert_kernels(_quiet_library())
-    (rebuilt,) = _library_files(cache)
+    _assert_kernels(quiet_library())
+    (rebuilt,) = library_files(cache)
     assert rebuilt.stat().st_ino != inode and rebuilt.stat().st_mode & 0o022 == 0
 
 
@@ -236,7 +203,7 @@ done
     fake.chmod(0o700)
     monkeypatch.setenv("CC", str(fake))
     for process in range(2):  # the second finds the first's (verified) build, loads it, rebuilds once
-        _new_process(monkeypatch, cache)
+        new_process(monkeypatch, cache)
         with pytest.warns(RuntimeWarning, match="could not be built or loaded.*has no kernel") as caught:
             assert _native.library() is None
             assert _native.library() is None

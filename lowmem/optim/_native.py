@@ -12,12 +12,21 @@ CPU, in scripts that interleave the two steps round by round:
 - SlimAdamW's column-compressed tensors, whose reduction Inductor walks column strip by strip
   (1.63x; the C kernel 0.79-0.92x).
 
-The library is built with the C compiler Inductor itself needs on CPU (``$CC``, else ``cc``),
-``-O3 -march=native -fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``, else
-``<tmp>/lowmem-<uid>``), keyed by a hash of the source, the flags, the compiler's version and this
-CPU's feature flags; later processes load the cached file (first build and load: ~0.3 s). It links
-the ``libgomp.so.1`` torch has already loaded, so its threads are torch's OpenMP pool
+The library is built with the C compiler Inductor itself needs on CPU (:func:`c_compiler`: ``$CC``,
+else ``cc``, ``gcc`` or ``clang`` on ``PATH``; MSVC's ``cl`` is not supported), ``-O3 -march=native
+-fopenmp``, into ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``, else ``<tmp>/lowmem-<uid>``) as
+``lowmem_native_<key>_<sha256>`` with the platform's suffix (``.so``, ``.dylib``, ``.dll``), keyed by
+a hash of the source, the flags used, the compiler's version and this CPU's feature flags; later
+processes load the cached file (first build and load: ~0.3 s). It links the OpenMP runtime torch has
+already loaded (``libgomp.so.1`` on Linux), so its threads are torch's OpenMP pool
 (``torch.get_num_threads()`` of them).
+
+A compiler that rejects ``-fopenmp`` (Apple clang without libomp) or ``-march=native`` (some clang
+builds on arm64) gets retries: without ``-fopenmp``, then without ``-march=native``, then without
+both (:data:`_RETRIES`). The kernels compute the same results single-threaded or for a generic
+ISA, only slower, and :func:`library` warns once per process naming what was dropped. The reduced
+build is cached under its own key and later processes look for the builds in the same order, so
+they load it without retrying the rejected flags.
 
 A cached file is code every training process runs, and ``<tmp>/lowmem-<uid>`` is a name anyone can
 create first, so the cache is trusted only as far as it is private:
@@ -26,8 +35,8 @@ create first, so the cache is trusted only as far as it is private:
   others is not used: the process builds in a fresh ``tempfile.mkdtemp()`` folder (removed at
   exit) and warns once;
 - a file is loaded only if it is a regular file owned by this user, not writable by group or
-  others, and its SHA-256 is the one in its name (``lowmem_native_<key>_<sha256>.so``, written at
-  build time); any other file is deleted and rebuilt;
+  others, and its SHA-256 is the one in its name (written at build time); any other file is
+  deleted and rebuilt;
 - a build goes to a temp folder beside the cache and is ``os.replace``'d in, so a concurrent
   process never loads a half-written file;
 - a cached file that will not load (``dlopen`` fails) or lacks a kernel is deleted and rebuilt
@@ -35,8 +44,9 @@ create first, so the cache is trusted only as far as it is private:
 - where there is no ``os.getuid`` (Windows) the owner and mode checks are skipped: there are no
   POSIX owners, and the emulated mode bits mark everything writable as writable by all.
 
-If no compiler works, or a fresh build will not load either, :func:`library` warns once and returns
-``None``; callers then use their compiled (Inductor) or for-loop path.
+If there is no compiler lowmem can use, it accepts no flag set, or a fresh build will not load
+either, :func:`library` warns once and returns ``None`` (it never raises); callers then use their
+compiled (Inductor) or for-loop path. :func:`available` says which, for other modules.
 """
 
 from __future__ import annotations
@@ -48,10 +58,11 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
@@ -60,12 +71,17 @@ from torch.autograd.graph import increment_version
 from lowmem.optim._fast import local_tensor
 
 __all__ = [
-    "ADAM_SCALARS", "ELEMENTWISE", "check_status", "elementwise", "float_array", "int32_array", "int64_array", "library",
-    "native_ok", "pointer_array",
+    "ADAM_SCALARS", "ELEMENTWISE", "available", "c_compiler", "check_status", "elementwise", "float_array",
+    "int32_array", "int64_array", "library", "native_ok", "pointer_array",
 ]  # fmt: skip
 
 SOURCE = Path(__file__).with_name("_native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# The flags a compiler may reject (Apple clang without libomp: -fopenmp; some clang builds on
+# arm64: -march=native) and what a build without them costs.
+_DROPPABLE = {"-fopenmp": "single-threaded kernels", "-march=native": "generic ISA, no code for this CPU's extensions"}
+# The flag sets tried, in order, by what each drops from FLAGS.
+_RETRIES = ((), ("-fopenmp",), ("-march=native",), ("-fopenmp", "-march=native"))
 # The scalar arguments of the AdamW, row and column kernels, in order (keys of _base.adam_scalars).
 ADAM_SCALARS = ("param_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt",
                 "eps")  # fmt: skip
@@ -152,10 +168,51 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _cache_key(compiler: str) -> str:
-    """What the build depends on: the source, the flags, the compiler's version, this CPU's features."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+def _windows() -> bool:
+    """Windows, native or Cygwin: DLLs, no ``-fPIC``, no separate libm."""
+    return sys.platform in ("win32", "cygwin")
+
+
+def _suffix() -> str:
+    """This platform's shared-library suffix: ``.dll`` (Windows), ``.dylib`` (macOS), else ``.so``."""
+    if _windows():
+        return ".dll"
+    return ".dylib" if sys.platform == "darwin" else ".so"
+
+
+def _flags(dropped: Sequence[str]) -> list[str]:
+    """:data:`FLAGS` without ``dropped``; on Windows also without ``-fPIC``: every DLL is
+    position-independent there, and clang's MSVC target rejects the flag."""
+    skip = {*dropped, *(["-fPIC"] if _windows() else [])}
+    return [flag for flag in FLAGS if flag not in skip]
+
+
+def c_compiler() -> str | None:
+    """The C compiler lowmem builds with: ``$CC`` if set (its path; ``None`` if it is not an
+    executable: a compiler the user named is never swapped for another), else the first of ``cc``,
+    ``gcc``, ``clang`` on ``PATH``; ``None`` if none. Not tried: :func:`available` says whether it
+    builds (MSVC's ``cl`` is returned, but lowmem cannot build with it)."""
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named)
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _usable_compiler() -> str:
+    """:func:`c_compiler`, or a one-line RuntimeError saying why there is none lowmem can use."""
+    compiler = c_compiler()
+    if compiler is None and os.environ.get("CC"):
+        raise RuntimeError(f"$CC={os.environ['CC']} is not an executable: set $CC to gcc or clang, or unset it")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH: install gcc or clang, or set $CC")
+    if PureWindowsPath(compiler).stem.lower() in ("cl", "clang-cl"):  # either separator, any platform
+        raise RuntimeError(f"{compiler} takes MSVC's options, which lowmem does not support: set $CC to gcc or clang")
+    return compiler
+
+
+def _cache_key(version: str, flags: Sequence[str]) -> str:
+    """What the build depends on: the source, the flags used, the compiler's version, this CPU's features."""
+    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_flags().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -176,27 +233,49 @@ def _verified(path: Path) -> bool:
 def _cached(folder: Path, key: str) -> Path | None:
     """The verified cached build for ``key``, if any; deletes the ones that fail :func:`_verified`,
     so that a rebuild takes their place instead of sitting beside them."""
-    for path in sorted(folder.glob(f"lowmem_native_{key}_*.so")):
+    for path in sorted(folder.glob(f"lowmem_native_{key}_*{_suffix()}")):
         if _verified(path):
             return path
         path.unlink(missing_ok=True)  # missing_ok: a concurrent process may have deleted it first
     return None
 
 
-def _build(compiler: str, folder: Path, key: str) -> Path:
-    """Compile into a temp folder beside the cache, then ``os.replace`` the file in under its
-    SHA-256: atomic, so a concurrent process never loads a half-written file. ``chmod 0o700``: the
-    umask (e.g. ``002``) must not leave it group-writable, which :func:`_verified` refuses."""
+def _first_error(stderr: str) -> str:
+    """The compiler's first error line (else its last line), for a one-line message."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")[:300]
+
+
+def _build(compiler: str, flags: Sequence[str], folder: Path, key: str) -> Path:
+    """Compile with ``flags`` into a temp folder beside the cache, then ``os.replace`` the file in
+    under its SHA-256: atomic, so a concurrent process never loads a half-written file. ``chmod
+    0o700``: the umask (e.g. ``002``) must not leave it group-writable, which :func:`_verified`
+    refuses. No ``-lm`` on Windows: the maths is in the C runtime there."""
+    suffix = _suffix()
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        built = Path(tmp) / "lowmem_native.so"
-        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+        built = Path(tmp) / f"lowmem_native{suffix}"
+        libm = [] if _windows() else ["-lm"]
+        command = [compiler, *flags, str(SOURCE), "-o", str(built), *libm]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} {' '.join(flags)} failed: {_first_error(result.stderr)}")
         built.chmod(0o700)
-        target = folder / f"lowmem_native_{key}_{_sha256(built)}.so"
+        target = folder / f"lowmem_native_{key}_{_sha256(built)}{suffix}"
         os.replace(built, target)
     return target
+
+
+def _build_first(
+    compiler: str, folder: Path, candidates: Sequence[tuple[tuple[str, ...], str]]
+) -> tuple[Path, tuple[str, ...]]:
+    """Build with the first of ``candidates`` (what it drops, its cache key) the compiler accepts;
+    return the file and what was dropped. RuntimeError (the last failure) if it accepts none."""
+    for dropped, key in candidates:
+        try:
+            return _build(compiler, _flags(dropped), folder, key), dropped
+        except RuntimeError as err:
+            failure = err
+    raise failure
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -212,42 +291,63 @@ def _bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _load() -> ctypes.CDLL:
-    """The bound library: the cached build if it verifies, loads and has every kernel; else (none,
-    corrupt, foreign) a fresh build. One rebuild at most: a compiler whose output will not load
-    fails once, in :func:`library`, instead of rebuilding forever."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set $CC)")
-    key = _cache_key(compiler)  # first: a missing compiler fails before any folder is made
+def _load() -> tuple[ctypes.CDLL, tuple[str, ...]]:
+    """The bound library and the flags its build dropped. The cached build of the first flag set
+    (in :data:`_RETRIES` order) that has one, if it verifies, loads and has every kernel; else (none,
+    corrupt, foreign) a fresh build with the first flag set the compiler accepts. A reduced build
+    is cached under its own key, so later processes load it without retrying the rejected flags.
+    One rebuild at most: a compiler whose output will not load fails once, in :func:`library`,
+    instead of rebuilding forever."""
+    compiler = _usable_compiler()
+    # first: a broken compiler fails before any folder is made
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    candidates = [(dropped, _cache_key(version, _flags(dropped))) for dropped in _RETRIES]
     folder = _cache_dir()
-    cached = _cached(folder, key)
-    if cached is not None:
+    for dropped, key in candidates:
+        cached = _cached(folder, key)
+        if cached is None:
+            continue
         try:
-            return _bind(cached)
+            return _bind(cached), dropped
         except OSError:
             cached.unlink(missing_ok=True)
-    return _bind(_build(compiler, folder, key))
+            break
+    path, dropped = _build_first(compiler, folder, candidates)
+    return _bind(path), dropped
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it if needed; ``None`` (after one warning) if it cannot."""
+    """The loaded kernel library, building it if needed; ``None`` (after one warning) if it cannot.
+    A build with reduced flags loads, with one warning naming what was dropped and what it costs."""
     global _library, _failed
     if _library is not None or _failed:
         return _library
     try:
-        lib = _load()
+        lib, dropped = _load()
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _failed = True
         warnings.warn(
-            f"lowmem: the native CPU kernels could not be built or loaded ({err}); the fast paths of HMAdamW, "
-            "AdamS and SlimAdamW use their torch.compile'd kernels instead (slower).",
+            f"lowmem: the native CPU kernels could not be built or loaded ({err}); the optimizers' fast paths "
+            "use their torch.compile'd kernels or for-loops instead (slower).",
             RuntimeWarning,
             stacklevel=2,
         )
         return None
+    if dropped:
+        costs = " and ".join(f"{flag} ({_DROPPABLE[flag]})" for flag in dropped)
+        warnings.warn(
+            f"lowmem: the native CPU kernels are built without {costs}, which the C compiler rejected. "
+            "Fix: set $CC to a compiler that accepts it (e.g. gcc).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _library = lib
     return lib
+
+
+def available() -> bool:
+    """Whether the native kernels can be used here (:func:`library` is not ``None``; builds them if needed)."""
+    return library() is not None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

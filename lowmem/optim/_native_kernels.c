@@ -23,12 +23,23 @@
  *
  * Inductor's reduction for the cols case walks each 16-column strip down all rows (one cache
  * line per row, stride C), which measured 2.5x slower than a row-contiguous read here.
- * Compiled and loaded by lowmem.optim._native (gcc/clang, -O3 -march=native -fopenmp).
+ * Compiled and loaded by lowmem.optim._native (gcc/clang, -O3 -march=native -fopenmp; where the
+ * compiler rejects -fopenmp or -march=native, without them).
+ *
+ * Without OpenMP (no _OPENMP) every "#pragma omp" is ignored and each parallel region is one plain
+ * block run once: the fallbacks below make it thread 0 of 1, so the hand-split ranges cover
+ * everything and each per-thread scratch reduction adds just its first slot. Every kernel computes
+ * the same result single-threaded; keep it so when adding a parallel region.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 
 int lowmem_slim_rows_f32(int64_t R, int64_t C, float *restrict w, const float *restrict g, float *restrict m,
                          float *restrict v, float decay, float one_minus_beta1, float beta2, float one_minus_beta2,
