@@ -32,6 +32,9 @@ How to add an optimizer
      one (the native fast path takes contiguous float32 tensors only; the others go to the
      compiled or for-loop kernels, which round differently): layouts then agree to float32
      tolerance instead of bit for bit.
+   - ``backends``: the fast-path tiers (``lowmem.optim._dispatch``) the spec's steps may use,
+     e.g. ``()`` for the foreach tier alone (what a device without ``torch.compile`` gets);
+     ``None``: all of them.
    - ``invalid_kwargs``: optimizer-specific bad hyperparameters, one ``{name: value}`` each: the
      constructor must raise ``ValueError`` whose message contains the name and ``repr(value)``.
      The standard ones (negative lr/eps/weight_decay, betas outside [0, 1)) are checked for every
@@ -78,6 +81,7 @@ class OptimSpec:
     bf16_state_dtype: torch.dtype | None = torch.float32
     invalid_kwargs: tuple[Mapping[str, Any], ...] = ()
     layout_exact: bool = True
+    backends: tuple[str, ...] | None = None
 
     def groups(self, model: nn.Module) -> list[dict]:
         """The param groups this optimizer is given for ``model`` (fresh dicts every call)."""
@@ -163,6 +167,21 @@ SPECS: list[OptimSpec] = [
             # AdaPM's fast path: the element-wise kernel (lowmem_adapm_f32 / compiled), the ALS
             # sweep without M and AdaPM-mini's native block means.
             OptimSpec("AdaPM", AdaPM, invalid_kwargs=_ADAPM_INVALID),
+            OptimSpec("AdaPM-roles", AdaPM, kwargs={"refresh_every": 3}, param_groups=adapm_param_groups),
+            OptimSpec("AdaPM-mini-roles", AdaPM, kwargs={"refresh_every": 3, "second_moment": "mini"},
+                      param_groups=adapm_param_groups),  # fmt: skip
+        )
+    ],
+    # The foreach tier alone (no native kernels, no torch.compile), for the optimizers whose fast
+    # path has element-wise kernels.
+    *[
+        OptimSpec(f"{spec.name}-foreach", spec.cls, kwargs={**spec.kwargs, "fused": True},
+                  param_groups=spec.param_groups, layout_exact=False, backends=())  # fmt: skip
+        for spec in (
+            OptimSpec("HMAdamW", HMAdamW),
+            OptimSpec("HMAdam", HMAdam),
+            OptimSpec("AdamS", AdamS),
+            OptimSpec("SlimAdamW-roles", SlimAdamW, param_groups=slimadam_param_groups),
             OptimSpec("AdaPM-roles", AdaPM, kwargs={"refresh_every": 3}, param_groups=adapm_param_groups),
             OptimSpec("AdaPM-mini-roles", AdaPM, kwargs={"refresh_every": 3, "second_moment": "mini"},
                       param_groups=adapm_param_groups),  # fmt: skip

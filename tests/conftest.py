@@ -35,6 +35,15 @@ def no_native(monkeypatch):
 
 
 @pytest.fixture
+def foreach_only():
+    """The fast path with its foreach tier alone (no native kernels, no torch.compile)."""
+    from lowmem.optim import _dispatch
+
+    with _dispatch.only():
+        yield
+
+
+@pytest.fixture
 def native_calls(monkeypatch):
     """Record (kernel name, indices given, indices left) of every native element-wise call."""
     from lowmem.optim import _native

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 
@@ -225,47 +224,39 @@ def test_fused_matches_for_loop_and_auto_choice(monkeypatch, fast_kernel):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(runs[True][1].state[p]["exp_avg"], runs[False][1].state[q]["exp_avg"])
 
-    import lowmem.optim._fast as fast
+    import lowmem.optim._dispatch as dispatch
     import lowmem.optim.adams as adams_module
 
     calls = []
     monkeypatch.setattr(adams_module, "adams", lambda *a, **kw: calls.append(kw["fused"]))
-    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(fast.FAST_PATH_MIN_NUMEL))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(dispatch.FAST_PATH_MIN_NUMEL))
     for p in (small, large):
         p.grad = torch.zeros_like(p)
     AdamS([small]).step()
     AdamS([large]).step()
     AdamS([large], fused=False).step()
-    monkeypatch.setattr(fast, "compile_available", lambda: False)
-    AdamS([large]).step()
-    assert calls == [False, True, False, False]
+    assert calls == [False, True, False]
     with pytest.raises(ValueError, match="fused"):
         AdamS([small], fused="yes")
 
 
-@pytest.mark.parametrize("fused", [False, "native", "eager"])
-def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch, request):
+@pytest.mark.parametrize("fused", [False, "native", "foreach"])
+def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, request):
     """FSDP2 holds DTensor shards; AdamS is element-wise, so it steps them like plain tensors."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    import lowmem.optim._fast as fast
-    import lowmem.optim.adams as adams_module
-
-    if fused == "eager":  # the compiled path's handling of shards, without paying for a compile here
-        request.getfixturevalue("no_native")
-        monkeypatch.setattr(fast, "compile_available", lambda: False)
-        monkeypatch.setattr(adams_module, "_ADAMS_FAST", fast.FusedForeach(adams_module._adams_kernel))
+    if fused == "foreach":  # the fast path's handling of shards past the native kernel, without a compile
+        request.getfixturevalue("foreach_only")
     init = [torch.randn(6, 4), torch.randn(5)]
     plain = [nn.Parameter(x.clone()) for x in init]
     sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
     opt_plain, opt_sharded = AdamS(plain, lr=0.1, fused=False), AdamS(sharded, lr=0.1, fused=bool(fused))
-    with pytest.warns(RuntimeWarning, match="Falling back") if fused == "eager" else contextlib.nullcontext():
-        for _ in range(3):
-            grads = [torch.randn_like(x) for x in init]
-            for p, q, g in zip(plain, sharded, grads):
-                p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
-            opt_plain.step()
-            opt_sharded.step()
+    for _ in range(3):
+        grads = [torch.randn_like(x) for x in init]
+        for p, q, g in zip(plain, sharded, grads):
+            p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+        opt_plain.step()
+        opt_sharded.step()
     for a, b in zip(plain, sharded):
         torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opt_sharded.state[b]["exp_avg"].full_tensor(), opt_plain.state[a]["exp_avg"])

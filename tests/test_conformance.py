@@ -108,6 +108,19 @@ class EmptyNet(nn.Module):
         return out
 
 
+@pytest.fixture(autouse=True)
+def _spec_backends(request: pytest.FixtureRequest):
+    """Run each check with the fast-path tiers its spec declares (``OptimSpec.backends``)."""
+    from lowmem.optim import _dispatch
+
+    spec = getattr(request.node, "callspec", None) and request.node.callspec.params.get("spec")
+    if spec is None or spec.backends is None:
+        yield
+        return
+    with _dispatch.only(*spec.backends):
+        yield
+
+
 def make(model_cls: Callable[..., nn.Module] = Net, dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
     """A model with the same initial weights every call."""
     torch.manual_seed(0)
@@ -720,7 +733,8 @@ def test_state_bytes_counts_params_grads_and_state(spec: OptimSpec) -> None:
     assert out["persistent"] == out["state"] + out["grad_buffers"]
 
 
-FUSED = [pytest.param(s, id=s.name) for s in SPECS if s.kwargs.get("fused") is True]
+FUSED = [pytest.param(s, id=s.name) for s in SPECS if s.kwargs.get("fused") is True and s.backends is None]
+FOREACH = [pytest.param(s, id=s.name) for s in SPECS if s.backends == ()]
 
 
 @pytest.mark.parametrize("spec", FUSED)
@@ -730,3 +744,16 @@ def test_fused_specs_run_the_native_kernels(spec: OptimSpec, native_kernels) -> 
     model = make()
     train(model, spec.build(model), batches(2))
     assert sum(native_kernels.values()) >= 2, dict(native_kernels)
+
+
+@pytest.mark.parametrize("spec", FOREACH)
+def test_foreach_specs_run_the_foreach_tier(spec: OptimSpec, monkeypatch) -> None:
+    """The ``-foreach`` specs exercise the foreach kernels, not the native or compiled ones nor
+    a silent fall-through to the for-loop."""
+    from lowmem.optim import _fast
+
+    calls, real = [], _fast.run_foreach
+    monkeypatch.setattr(_fast, "run_foreach", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    model = make()
+    train(model, spec.build(model), batches(2))
+    assert len(calls) >= 2

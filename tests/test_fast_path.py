@@ -1,4 +1,5 @@
-"""The compiled fast path (lowmem.optim._fast) and HMAdamW's use of it, held against the for-loop.
+"""The fast path's tiers (lowmem.optim._dispatch: compiled, foreach) and HMAdamW's use of them,
+held against the for-loop.
 
 A compile costs 5-30 s on a 2-core machine (less once Inductor's on-disk cache is warm), so the
 default suite compiles one dtype (fp32: both size classes of ``FusedForeach``); the float64 and
@@ -14,7 +15,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
-import lowmem.optim._fast as fast
+import lowmem.optim._dispatch as dispatch
+import lowmem.optim._foreach as foreach
 import lowmem.optim.hmadam as hmadam_module
 from lowmem.optim import AdamS, HMAdam, HMAdamW, SlimAdamW
 from lowmem.optim._fast import FusedForeach, flat_views
@@ -51,37 +53,122 @@ def test_flat_views_follow_memory_order():
     assert flat_views([torch.randn(8)[::2], torch.randn(4)]) is None
 
 
-def test_eager_fallback_warns_once_chunks_and_matches(monkeypatch):
-    monkeypatch.setattr(fast, "compile_available", lambda: False)
-    monkeypatch.setattr(fast, "EAGER_CHUNK", 7)  # many chunks per tensor
+def test_foreach_tier_chunks_and_matches_the_eager_kernel_bit_for_bit(monkeypatch):
+    """Without the compiled tier the kernel runs as foreach ops, silently (nothing failed), over
+    chunks of a few elements (tensors cut along dim 0, one of them in another layout), with the
+    eager kernel's results exactly."""
+    monkeypatch.setattr(foreach, "CHUNK_NUMEL", 7)  # many chunks, most tensors cut
     runner = FusedForeach(_toy_kernel)
     lists, expected = _toy_lists(), _toy_lists()
-    with pytest.warns(RuntimeWarning, match="torch.compile is unavailable.*fused=False"):
-        runner(lists, {"lr": 0.1, "beta": 0.9}, {"double": True})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once only
-        runner(lists, {"lr": 0.2, "beta": 0.9}, {"double": True})
+    with dispatch.only("native"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for lr in (0.1, 0.2):
+            runner(lists, {"lr": lr, "beta": 0.9}, {"double": True})
     for lr in (0.1, 0.2):
         for p, g, v in zip(*expected):
             _toy_kernel(p, g, v, lr=torch.tensor(lr), beta=torch.tensor(0.9), double=True)
     for got, want in zip(lists, expected):
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            assert torch.equal(a, b)
 
 
-def test_fused_none_picks_the_compiled_path_for_large_models(monkeypatch):
+def test_foreach_tier_broadcasts_and_runs_other_ops_index_by_index():
+    """A denominator that broadcasts (AdaPM-mini's block means: (n, 1) and (1, m)) is passed whole
+    into every chunk of a cut tensor; ``torch.clamp`` (no foreach form) runs index by index."""
+
+    def kernel(p, v, *, lr):
+        p.copy_(p - lr * torch.clamp(p / v, -1.0, 1.0))
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(40, 30, generator=gen), torch.randn(40, 30, generator=gen), torch.randn(6, generator=gen)]
+    dens = [torch.rand(40, 1, generator=gen) + 0.5, torch.rand(1, 30, generator=gen) + 0.5, torch.rand(6, generator=gen)]
+    want = [p.clone() for p in params]
+    for p, v in zip(want, dens):
+        kernel(p, v, lr=torch.tensor(0.1))
+    old = foreach.CHUNK_NUMEL
+    foreach.CHUNK_NUMEL = 100
+    try:
+        foreach.run_foreach(kernel, list(zip(params, dens)), {"lr": torch.tensor(0.1)}, {})
+    finally:
+        foreach.CHUNK_NUMEL = old
+    for a, b in zip(params, want):
+        assert torch.equal(a, b)
+
+
+def test_compile_failure_warns_once_then_takes_the_foreach_tier():
+    runner = FusedForeach(_toy_kernel)
+    runner._compiled = {False: _raise, True: _raise}  # as if Inductor failed on this machine
+    lists, expected = _toy_lists(), _toy_lists()
+    with dispatch.only("compiled"):
+        with pytest.warns(RuntimeWarning, match="torch.compile failed.*foreach.*LOWMEM_BACKENDS"):
+            runner(lists, {"lr": 0.1, "beta": 0.9}, {"double": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once only
+            runner(lists, {"lr": 0.2, "beta": 0.9}, {"double": False})
+    for lr in (0.1, 0.2):
+        for p, g, v in zip(*expected):
+            _toy_kernel(p, g, v, lr=torch.tensor(lr), beta=torch.tensor(0.9), double=False)
+    for got, want in zip(lists, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("inductor exploded")
+
+
+def test_cpu_without_a_cxx_compiler_skips_the_compiled_tier(monkeypatch):
+    """Inductor needs a C++ compiler on CPU; without one the compiled tier is not tried (a compile
+    would fail only after ~20 s of tracing), on CPU only."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    dispatch._inductor_cpu_compiler.cache_clear()
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", _raise)
+    try:
+        assert not dispatch.compiled_available(torch.device("cpu"))
+        assert dispatch.compiled_available(torch.device("meta")) == dispatch.compiled_available(torch.device("cuda"))
+    finally:
+        monkeypatch.undo()
+        dispatch._inductor_cpu_compiler.cache_clear()
+    assert dispatch.compiled_available(torch.device("cpu"))  # this machine has one
+
+
+def test_backends_from_the_environment_and_only():
+    assert dispatch.enabled("native") and dispatch.enabled("compiled")
+    with dispatch.only("native"):
+        assert dispatch.enabled("native") and dispatch.enabled("foreach") and not dispatch.enabled("compiled")
+        assert dispatch.native_library() is not None
+    with dispatch.only():
+        assert dispatch.native_library() is None
+    assert dispatch.enabled("compiled")
+
+
+def test_lowmem_backends_variable_is_checked_at_import(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import lowmem.optim._dispatch as d; print(sorted(d._enabled))"
+    env = {**__import__("os").environ, "LOWMEM_BACKENDS": "native"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[<Backend.FOREACH: 'foreach'>, <Backend.NATIVE: 'native'>]"
+    env["LOWMEM_BACKENDS"] = "native,gpu"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "invalid LOWMEM_BACKENDS='native,gpu': unknown ['gpu']" in bad.stderr
+
+
+def test_fused_none_picks_the_fast_path_for_large_models(monkeypatch):
     calls = []
     monkeypatch.setattr(hmadam_module, "hmadam", lambda *a, **kw: calls.append(kw["fused"]))
-    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(fast.FAST_PATH_MIN_NUMEL))
+    small, large = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(dispatch.FAST_PATH_MIN_NUMEL))
     for p in (small, large):
         p.grad = torch.zeros_like(p)
     HMAdamW([small]).step()
     HMAdamW([large]).step()
     HMAdamW([large], fused=False).step()
     HMAdamW([small], fused=True).step()
-    monkeypatch.setattr(fast, "compile_available", lambda: False)
-    HMAdamW([large]).step()
-    assert calls == [False, True, False, True, False]
+    with dispatch.only():  # no native, no compiled: the foreach tier is still the fast path
+        HMAdamW([large]).step()
+    assert calls == [False, True, False, True, True]
 
 
 # ------------------------------------------------------------------ HMAdamW fast vs loop

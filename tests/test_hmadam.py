@@ -451,32 +451,24 @@ def test_defaults_and_capabilities():
 
 
 # ----------------------------------------------------------------------- DTensor (FSDP2)
-@pytest.mark.parametrize("fused", [False, "native", "eager"])
-def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, monkeypatch, request):
+@pytest.mark.parametrize("fused", [False, "native", "foreach"])
+def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, request):
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    import lowmem.optim._fast as fast
-    import lowmem.optim.hmadam as hmadam_module
-
-    if fused == "eager":  # the compiled path's handling of shards, without paying for a compile here
-        request.getfixturevalue("no_native")
-        monkeypatch.setattr(fast, "compile_available", lambda: False)
-        monkeypatch.setattr(hmadam_module, "_HMADAM_FAST", fast.FusedForeach(hmadam_module._hmadam_kernel))
+    if fused == "foreach":  # the fast path's handling of shards past the native kernel, without a compile
+        request.getfixturevalue("foreach_only")
     init = [torch.randn(6, 4), torch.randn(5)]
     plain = [nn.Parameter(x.clone()) for x in init]
     sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
     opt_plain = HMAdamW(plain, lr=0.1, max_momentum_norm=0.5, fused=False)
     opt_sharded = HMAdamW(sharded, lr=0.1, max_momentum_norm=0.5, fused=bool(fused))
-    eager = fused == "eager"
-    expect = pytest.warns(RuntimeWarning, match="Falling back to the eager kernel") if eager else nullcontext()
-    with expect:
-        for _ in range(3):
-            grads = [torch.randn_like(x) for x in init]
-            for opt, params, wrap in ((opt_plain, plain, False), (opt_sharded, sharded, True)):
-                opt.zero_grad()
-                gs = [distribute_tensor(g, one_rank_mesh, [Shard(0)]) if wrap else g for g in grads]
-                sum((p * g).sum() for p, g in zip(params, gs)).backward()
-                opt.step()
+    for _ in range(3):
+        grads = [torch.randn_like(x) for x in init]
+        for opt, params, wrap in ((opt_plain, plain, False), (opt_sharded, sharded, True)):
+            opt.zero_grad()
+            gs = [distribute_tensor(g, one_rank_mesh, [Shard(0)]) if wrap else g for g in grads]
+            sum((p * g).sum() for p, g in zip(params, gs)).backward()
+            opt.step()
     assert opt_sharded.momentum_norm().item() == pytest.approx(opt_plain.momentum_norm().item(), rel=1e-6)
     for a, b in zip(plain, sharded):
         torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-6, atol=1e-7)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lowmem.optim import AdamMini, AdamS, AdaPM, HMAdam, HMAdamW, IOAdam, SlimAdamW
-from lowmem.optim._fast import FAST_PATH_MIN_NUMEL
+from lowmem.optim._dispatch import FAST_PATH_MIN_NUMEL
 
 # (optimizer class, constructor kwargs): every lowmem class, with each fast path it has. fused=True
 # on these small float32 CPU tensors runs the native kernels (lowmem.optim._native), no compile.

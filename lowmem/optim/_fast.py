@@ -1,12 +1,12 @@
-"""Fast path for element-wise optimizer steps: one ``torch.compile``'d kernel over lists of tensors.
-
-Float32 contiguous CPU tensors go to the hand-written kernels of :mod:`lowmem.optim._native`
-first (faster, no compile); this module serves the rest (bf16/fp16/fp64, other layouts, GPUs).
+"""The compiled tier of the fast path: one ``torch.compile``'d kernel over lists of tensors.
 
 An optimizer whose update is element-wise per parameter (HMAdamW, AdamS, ...) writes its maths
-once as a *kernel* on one parameter's tensors and hands it to :class:`FusedForeach`. Inductor fuses
-the kernel into a single loop per tensor that reads each input once and writes each output once,
-with no parameter-sized temporaries, so the step runs at the memory-bandwidth floor.
+once as a *kernel* on one parameter's tensors and hands it to :class:`FusedForeach`, which runs it
+on the backends of :mod:`lowmem.optim._dispatch`: the native C kernel named by ``native`` for the
+float32 CPU tensors, then the compiled kernel where it can run, then the same kernel as foreach
+ops (:mod:`lowmem.optim._foreach`). Inductor fuses the kernel into a single loop per tensor that
+reads each input once and writes each output once, with no parameter-sized temporaries, so the
+step runs at the memory-bandwidth floor.
 
 Usage in an optimizer module::
 
@@ -15,7 +15,7 @@ Usage in an optimizer module::
         # element-wise maths on ONE parameter; results go back with .copy_() (in place)
         ...
 
-    _ADAMS_FAST = FusedForeach(_adams_kernel)          # module level: compiled once per process
+    _ADAMS_FAST = FusedForeach(_adams_kernel, native="lowmem_adams_f32")  # module level
 
     # in the functional entry point, for tensors sharing the same scalar values:
     _ADAMS_FAST(
@@ -33,16 +33,16 @@ What it takes care of:
   scratch tensors). One compile (10-30 s on 2 cores; Inductor caches it on disk) per kernel x
   size class (below/above ``SMALL_NUMEL`` elements: single-threaded / parallel kernels) x device
   x dtype combination x ``static`` value, whatever the model's shapes.
-- *Bounded temporaries* on the eager fallback: the kernel is applied to slices of at most
-  ``EAGER_CHUNK`` elements (1-D views share memory with the tensors, so results land in place).
-- *Fallback*: if ``torch.compile`` is unavailable or fails, one warning names the cause and the
-  kernel runs eagerly (chunked) from then on. Tensors of fewer than 2 elements (size-1 dims would
-  force a recompile), tensors whose layouts differ, and dtype combinations beyond the compile
-  limit also run eagerly.
+- *Fallback*: where the compiled tier cannot run (:func:`lowmem.optim._dispatch.compiled_available`)
+  or a compile fails (one warning names the cause), the kernel runs as foreach ops from then on.
+  Tensors of fewer than 2 elements (size-1 dims would force a recompile), tensors whose layouts
+  differ, and dtype combinations beyond the compile limit also take the foreach tier.
 
 Kernel contract: element-wise across the tensors of one index (they have the same shape and
-memory layout), scalars arrive as 0-d tensors in the compute dtype (float64 if any tensor of the
-index is float64, else float32), results are written with ``.copy_()`` into the inputs.
+memory layout, or broadcast against the first), scalars arrive as 0-d tensors in the compute
+dtype (float64 if any tensor of the index is float64, else float32), results are written with
+``.copy_()`` into the inputs, and only the operations :class:`lowmem.optim._foreach.TensorList`
+maps (arithmetic, ``sqrt``, ``.to``, ``.copy_``; anything else runs index by index) are used.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["EAGER_CHUNK", "SMALL_NUMEL", "FusedForeach", "compile_available", "flat_views", "local_tensor"]
+from lowmem.optim import _dispatch
+from lowmem.optim._foreach import run_foreach
 
-EAGER_CHUNK = 1 << 20  # elements per eager kernel call: temporaries stay ~4 MiB each
+__all__ = ["SMALL_NUMEL", "FusedForeach", "flat_views", "local_tensor"]
+
 SMALL_NUMEL = 1 << 18  # below this, kernels run single-threaded, in groups (see FusedForeach)
 _MIN_COMPILED_NUMEL = 2  # dynamo specialises sizes 0 and 1; tinier tensors run eagerly
 _MAX_KEYS = 6  # distinct compiles per kernel, kept under dynamo's recompile limit (8)
@@ -67,11 +69,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # the common case, checked cheaply
         return t
     return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-
-def compile_available() -> bool:
-    """Whether ``torch.compile`` can run here (dynamo supports this Python and platform)."""
-    return hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported()
 
 
 def flat_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -124,11 +121,15 @@ class FusedForeach:
 
     Compile time grows with the group (cold, 2 cores: ~10 s for 1 tensor per call, ~18 s for
     16); Inductor caches it on disk. ``name`` only appears in warnings and in the compiled
-    functions' names.
+    functions' names. ``native``: the name of the kernel's native twin in
+    :data:`lowmem.optim._native.ELEMENTWISE` (same tensors, same scalar names), if it has one.
     """
 
-    def __init__(self, kernel: Callable[..., None], *, group_size: int = 16, name: str | None = None) -> None:
+    def __init__(
+        self, kernel: Callable[..., None], *, native: str | None = None, group_size: int = 16, name: str | None = None
+    ) -> None:
         self.kernel = kernel
+        self.native = native
         self.group_size = group_size
         self.name = name or kernel.__name__
         self._compiled: dict[bool, Callable[..., None]] = {}  # small size class? -> compiled loop
@@ -145,29 +146,30 @@ class FusedForeach:
         static: Mapping[str, Any] | None = None,
     ) -> None:
         static = dict(static or {})
+        if self.native is not None and tensor_lists[0] and _dispatch.native_library() is not None:
+            from lowmem.optim import _native  # imported here: _native imports this module
+
+            left = _native.elementwise(self.native, tensor_lists, scalars)
+            tensor_lists = [[tensors[i] for i in left] for tensors in tensor_lists]
         static_key = tuple(sorted(static.items()))
         buckets: dict[tuple, list[list[torch.Tensor]]] = {}
-        eager: list[list[torch.Tensor]] = []
+        rest: list[list[torch.Tensor]] = []  # for the foreach tier
         for tensors in zip(*tensor_lists):
             tensors = [local_tensor(t) for t in tensors]
             views = flat_views(tensors)
             if views is None or views[0].numel() < _MIN_COMPILED_NUMEL:
-                eager.append(views or tensors)
+                rest.append(views or tensors)
                 continue
             small = views[0].numel() < SMALL_NUMEL
             key = (small, views[0].device, tuple(t.dtype for t in views), static_key)
             buckets.setdefault(key, []).append(views)
         for key, items in buckets.items():
-            eager.extend(self._run_compiled(key, items, scalars, static) if self._compile_ok(key) else items)
-        for tensors in eager:
-            self._run_eager(tensors, scalars, static)
+            rest.extend(self._run_compiled(key, items, scalars, static) if self._compile_ok(key) else items)
+        self._run_foreach(rest, scalars, static)
 
     # ---------------------------------------------------------------------------------- helpers
     def _compile_ok(self, key: tuple) -> bool:
-        if self._failed:
-            return False
-        if not compile_available():
-            self._fail(RuntimeError("torch.compile is not supported on this Python/platform"))
+        if self._failed or not _dispatch.compiled_available(key[1]):
             return False
         small = key[0]
         if small not in self._compiled:
@@ -195,7 +197,7 @@ class FusedForeach:
     def _run_compiled(
         self, key: tuple, items: list[list[torch.Tensor]], scalars: Mapping, static: dict
     ) -> list[list[torch.Tensor]]:
-        """Run ``items`` through the compiled loop; return those left for the eager kernel."""
+        """Run ``items`` through the compiled loop; return those left for the foreach tier."""
         small, device, dtypes, _ = key
         compute = torch.float64 if torch.float64 in dtypes else torch.float32
         scalar_tensors = self._scalar_tensors(device, compute, scalars)
@@ -215,16 +217,14 @@ class FusedForeach:
                     return items[start:]  # a failing group has not written anything yet
         return []
 
-    def _run_eager(self, tensors: list[torch.Tensor], scalars: Mapping, static: dict) -> None:
-        compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        scalar_tensors = self._scalar_tensors(tensors[0].device, compute, scalars)
-        if tensors[0].dim() == 0:
-            self.kernel(*tensors, **scalar_tensors, **static)
-            return
-        # Slices along dim 0 are the same logical elements in every tensor, whatever the layout.
-        rows = max(1, EAGER_CHUNK * tensors[0].shape[0] // max(1, tensors[0].numel()))
-        for start in range(0, tensors[0].shape[0], rows):
-            self.kernel(*(t[start : start + rows] for t in tensors), **scalar_tensors, **static)
+    def _run_foreach(self, items: list[list[torch.Tensor]], scalars: Mapping, static: dict) -> None:
+        """The foreach tier for ``items``, one pass per device and compute dtype."""
+        classes: dict[tuple, list[list[torch.Tensor]]] = {}
+        for tensors in items:
+            compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+            classes.setdefault((tensors[0].device, compute), []).append(tensors)
+        for (device, compute), members in classes.items():
+            run_foreach(self.kernel, members, self._scalar_tensors(device, compute, scalars), static)
 
     def _scalar_tensors(
         self, device: torch.device, dtype: torch.dtype, scalars: Mapping[str, float | torch.Tensor]
@@ -244,29 +244,9 @@ class FusedForeach:
     def _fail(self, err: BaseException) -> None:
         self._failed = True
         warnings.warn(
-            f"lowmem fast path for {self.name}: torch.compile is unavailable or failed ({type(err).__name__}: "
-            f"{err}). Falling back to the eager kernel (same maths, several times slower). Pass fused=False to "
-            "the optimizer to use the plain for-loop and silence this warning.",
+            f"lowmem fast path for {self.name}: torch.compile failed ({type(err).__name__}: {err}). Falling back "
+            "to the foreach kernels (same maths, slower). Set LOWMEM_BACKENDS=native,foreach to skip the "
+            "compile, or pass fused=False to the optimizer for the plain for-loop.",
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-FAST_PATH_MIN_NUMEL = 1 << 20  # fused=None picks the compiled path from this many elements on
-
-
-def check_fused(name: str, fused: object) -> None:
-    """Validate an optimizer's ``fused`` argument: True, False or None (automatic)."""
-    if fused not in (None, True, False):
-        raise ValueError(f"{name}: invalid fused={fused!r}; expected True, False or None (automatic)")
-
-
-def use_fast_path(fused: bool | None, total_numel: int) -> bool:
-    """Resolve ``fused=None``: compile for optimizers holding at least ``FAST_PATH_MIN_NUMEL``
-    elements, when ``torch.compile`` works. Inside a ``torch.compile``'d training step the plain
-    for-loop is traced instead."""
-    if torch.compiler.is_compiling():
-        return False
-    if fused is None:
-        return total_numel >= FAST_PATH_MIN_NUMEL and compile_available()
-    return fused

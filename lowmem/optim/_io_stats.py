@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lowmem.optim import _native
+from lowmem.optim import _dispatch, _native
 
 __all__ = ["StatsHooks", "io_weights", "is_hf_conv1d", "power_sum", "transposed_layout"]
 
@@ -81,7 +81,7 @@ def power_sum(t: Tensor, p: float) -> Tensor:
     n_tokens, n_features = t2.shape
     if t2.device.type != "cpu" or n_tokens * n_features == 0:
         return torch.linalg.vector_norm(t2, ord=p, dim=0, dtype=acc).pow_(p)
-    lib = _native.library() if _native.native_ok(t2) else None
+    lib = _dispatch.native_library() if _native.native_ok(t2) else None
     if lib is not None:
         out = torch.empty(n_features, dtype=torch.float32)
         status = lib.lowmem_power_sum_f32(n_tokens, n_features, t2.data_ptr(), float(p), out.data_ptr(),

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from lowmem.optim import _native
+from lowmem.optim import _dispatch, _native
 from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
 )  # fmt: skip
-from lowmem.optim._fast import FAST_PATH_MIN_NUMEL, check_fused, local_tensor
+from lowmem.optim._adamw import ADAMW_STEP
+from lowmem.optim._dispatch import check_fused, use_fast_path
+from lowmem.optim._fast import local_tensor
 from lowmem.optim._sharded_blocks import block_comm_bytes, block_v_state, sharded_block_mean_sq, sharded_expand
 from lowmem.optim._sharding import check_fsdp_layout, is_sharded
 from lowmem.optim.blocks import (
@@ -76,11 +78,11 @@ class AdamMini(LowMemOptimizer):
         betas: ``(b1, b2)``.
         eps: added to the bias-corrected ``sqrt(v)``.
         weight_decay: decoupled weight decay coefficient (per unit of lr).
-        fused: ``True`` steps float32 contiguous CPU tensors with the hand-written kernels of
-            :mod:`lowmem.optim._native` (a block is a run of whole rows of the fan-out dim, so the
-            SlimAdamW row kernel applies; ~0.3 s to build on first use), the rest with the
-            for-loop; ``False`` is the for-loop reference; ``None`` picks the kernels for
-            optimizers holding at least 2**20 elements.
+        fused: ``True`` runs the fast path: ``element`` blocks as AdamW on every backend of
+            :mod:`lowmem.optim._dispatch`, float32 contiguous CPU tensors of other blocks with the
+            hand-written row kernel (a block is a run of whole rows of the fan-out dim), the rest
+            with the for-loop; ``False`` is the for-loop reference; ``None`` (default) the fast
+            path for optimizers holding at least 2**20 elements.
         state_in_param_dtype: keep ``m``/``v`` in the param dtype for bf16/fp16 params.
     """
 
@@ -143,11 +145,10 @@ class AdamMini(LowMemOptimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             self.comm_bytes_per_step += sum(block_comm_bytes(p, group, v) for p, v in zip(params, exp_avg_sqs))
             beta1, beta2 = group["betas"]
-            fused = group["fused"] if group["fused"] is not None else total_numel >= FAST_PATH_MIN_NUMEL
             adam_mini(
                 params, grads, exp_avgs, exp_avg_sqs, steps,
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                blocks={k: group[k] for k in BLOCK_DEFAULTS}, fused=fused and not torch.compiler.is_compiling(),
+                blocks={k: group[k] for k in BLOCK_DEFAULTS}, fused=use_fast_path(group["fused"], total_numel),
             )  # fmt: skip
         return loss
 
@@ -168,9 +169,9 @@ def adam_mini(
     fused: bool = False,
 ) -> None:
     """Functional Adam-mini step (see :class:`AdamMini`); ``blocks`` holds the group's block keys.
-    ``fused=True`` runs the tensors the native kernels take through them, the rest as below."""
+    ``fused=True`` runs the tensors the fast path takes (:func:`_fast_adam_mini`), the rest as below."""
     if fused:
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = _native_adam_mini(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = _fast_adam_mini(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, blocks=blocks,
         )  # fmt: skip
@@ -197,43 +198,42 @@ def adam_mini(
             param.add_((exp_avg / denom).to(param.dtype), alpha=-lr / bias_correction1)
 
 
-def _native_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                      blocks):  # noqa: ANN001, ANN202 - the lists of adam_mini
-    """Step the float32 contiguous CPU tensors whose blocks are runs of whole rows of dim 0 (all
-    kinds but a fan-out dim other than 0) with the native kernels; return the other tensors' lists.
+def _fast_adam_mini(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                    blocks):  # noqa: ANN001, ANN202 - the lists of adam_mini
+    """The fast path: ``element`` blocks are plain AdamW (:data:`lowmem.optim._adamw.ADAMW_STEP`,
+    on every backend); float32 contiguous CPU tensors whose blocks are runs of whole rows of dim 0
+    (all other kinds but a fan-out dim other than 0) go through the native row kernel. Returns the
+    lists of the tensors left for the for-loop (DTensors, other blocks, no native library).
 
     A block of ``per`` rows of an (R, C) tensor is one row of the (R/per, per*C) view, so the
     SlimAdamW row kernel (mean of g^2 over a row, then the Adam update) is exactly Adam-mini's
-    step for it; ``element`` blocks are plain AdamW (the element-wise kernel). 0-d and empty
-    tensors are returned: the row split needs rows of at least one element (R = 0 would divide by
-    zero), and the for-loop steps an empty tensor (its ``step`` and its ``v``) for free.
+    step for it. 0-d and empty tensors stay with the for-loop: the row split needs rows of at
+    least one element (R = 0 would divide by zero), and the for-loop steps an empty tensor (its
+    ``step`` and its ``v``) for free.
     """
-    lib = _native.library()
-    if lib is None:
-        return params, grads, exp_avgs, exp_avg_sqs, state_steps
     kind = blocks["block"]
+    lib = None if kind == "element" else _dispatch.native_library()
     rest, elements, rows = [], [], []
     for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         p = tensors[0]
-        if not _native.native_ok(*tensors) or p.ndim == 0 or p.numel() == 0:
-            rest.append(i)
-        elif kind == "element":
+        if kind == "element" and not is_sharded(p):
             elements.append(i)
+        elif lib is None or not _native.native_ok(*tensors) or p.ndim == 0 or p.numel() == 0:
+            rest.append(i)
         elif kind == "tensor" or blocks["fan_out_dim"] % p.ndim == 0:
             rows.append(i)
         else:
             rest.append(i)
-    native = elements + rows
-    if not native:
+    fast = elements + rows
+    if not fast:
         return params, grads, exp_avgs, exp_avg_sqs, state_steps
     threads, element_set = torch.get_num_threads(), set(elements)
-    for step, positions in step_groups([state_steps[i] for i in native]).items():
-        indices = [native[k] for k in positions]
+    for step, positions in step_groups([state_steps[i] for i in fast]).items():
+        indices = [fast[k] for k in positions]
         scalars = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
         ix = [i for i in indices if i in element_set]
         if ix:
-            lists = [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)]
-            _native.elementwise("lowmem_adamw_f32", lists, scalars)  # all of them: native_ok checked
+            ADAMW_STEP([[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)], scalars)
         values = [scalars[k] for k in _native.ADAM_SCALARS]
         row_ix = [i for i in indices if i not in element_set]
         for i in row_ix:

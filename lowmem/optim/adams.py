@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for, step_groups
-from lowmem.optim import _native
-from lowmem.optim._fast import FusedForeach, check_fused, use_fast_path
+from lowmem.optim._dispatch import check_fused, use_fast_path
+from lowmem.optim._fast import FusedForeach
 
 __all__ = ["AdamS", "adams"]
 
@@ -57,10 +57,10 @@ class AdamS(LowMemOptimizer):
         weight_decay: decoupled weight decay, applied to every parameter of the group (default
             0.1; use :func:`lowmem.optim.weight_decay_param_groups` to spare norms and biases).
             Unlike the official code, the constructor value is kept in ``defaults``.
-        fused: run the step as one fused kernel over all tensors: hand-written C for float32
-            contiguous CPU tensors (``lowmem.optim._native``), else ``torch.compile``'d
-            (``lowmem.optim._fast``);
-            ``None`` picks it automatically for large models when ``torch.compile`` works.
+        fused: ``True`` runs the fast path, one fused kernel over all tensors, on the backends of
+            :mod:`lowmem.optim._dispatch` (native C for float32 CPU tensors, else
+            ``torch.compile``'d, else foreach); ``False`` the for-loop reference; ``None`` (the
+            default) the fast path when the optimizer holds at least 2**20 elements.
         state_in_param_dtype: keep ``exp_avg`` in the dtype of bf16/fp16 parameters instead of
             fp32 (halves the state again, at the cost of precision).
     """
@@ -158,7 +158,7 @@ def adams(
     """Functional AdamS step over lists of tensors (see :class:`AdamS` for the maths).
 
     Increments each ``state_steps`` entry and updates ``params`` and ``exp_avgs`` in place;
-    ``fused=True`` runs the compiled kernel, ``False`` the for-loop reference.
+    ``fused=True`` runs the fast path (:mod:`lowmem.optim._dispatch`), ``False`` the for-loop reference.
     """
     impl = _fused_adams if fused else _single_tensor_adams
     impl(params, grads, exp_avgs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
@@ -217,7 +217,7 @@ def _adams_kernel(
     param.copy_(param.to(compute) * param_decay - step_size * m / denom)
 
 
-_ADAMS_FAST = FusedForeach(_adams_kernel, name="adams")
+_ADAMS_FAST = FusedForeach(_adams_kernel, native="lowmem_adams_f32", name="adams")
 
 
 def _fused_adams(
@@ -244,7 +244,4 @@ def _fused_adams(
             "step_size": lr / bc1,
             "eps": eps,
         }
-        lists = [[params[i] for i in indices], [grads[i] for i in indices], [exp_avgs[i] for i in indices]]
-        rest = _native.elementwise("lowmem_adams_f32", lists, scalars)  # float32 CPU tensors
-        if rest:
-            _ADAMS_FAST([[tensors[i] for i in rest] for tensors in lists], scalars=scalars)
+        _ADAMS_FAST([[params[i] for i in indices], [grads[i] for i in indices], [exp_avgs[i] for i in indices]], scalars)

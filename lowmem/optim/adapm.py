@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from lowmem.optim import _native
+from lowmem.optim import _dispatch, _native
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for, step_groups
-from lowmem.optim._fast import FusedForeach, check_fused, use_fast_path
+from lowmem.optim._dispatch import check_fused, use_fast_path
+from lowmem.optim._fast import FusedForeach
 from lowmem.optim._sharded_blocks import block_comm_bytes, block_v_state, sharded_block_mean_sq, sharded_expand
 from lowmem.optim._sharding import check_fsdp_layout, gather_rows, is_sharded, local_rows, state_like
 from lowmem.optim.blocks import (
@@ -115,12 +116,12 @@ class AdaPM(LowMemOptimizer):
             factors stay fp32: an ALS solve in bf16 is unstable).
         fused: ``True`` runs the fast path (:func:`_adapm_fast`): the element-wise part of every
             block (v, momentum, clip, update, decay) as one kernel, hand-written C for float32
-            contiguous CPU tensors (``lowmem.optim._native``), else ``torch.compile``'d
-            (``lowmem.optim._fast``; AdaPM-mini's block denominators: eager); the ALS sweep without
-            the n x m temporary ``M`` (three GEMMs over ``g``, QRs single-threaded on the CPU);
-            ``False`` the plain for-loop (the reference); ``None`` the fast path when the optimizer
-            holds at least 2**20 elements and ``torch.compile`` is available. FSDP2 shards, empty
-            tensors and a ``torch.compile``'d step take the for-loop either way.
+            contiguous CPU tensors, else ``torch.compile``'d, else foreach ops (the backends of
+            :mod:`lowmem.optim._dispatch`; AdaPM-mini's broadcast block denominators: foreach);
+            the ALS sweep without the n x m temporary ``M`` (three GEMMs over ``g``, QRs
+            single-threaded on the CPU); ``False`` the plain for-loop (the reference); ``None``
+            (default) the fast path when the optimizer holds at least 2**20 elements. FSDP2
+            shards, empty tensors and a ``torch.compile``'d step take the for-loop either way.
     """
 
     capabilities = Capabilities(needs_full_shapes=True, needs_param_names=True, supports_dtensor=True)
@@ -547,7 +548,8 @@ _TORCH_MODES = {0: (False, 1.0, 0.0), 1: (True, 0.0, 0.0), 2: (False, 1.0, 1.0),
 class _Pieces:
     """Tensors waiting for the element-wise kernel, all with the same scalars: each piece is
     ``(w, g, mom, v, mode, full_v, div, len)`` (see ``lowmem_adapm_f32``); float32 contiguous CPU
-    pieces run in one native call, the others through :data:`_ADAPM_FAST` or eagerly."""
+    pieces run in one native call, the others through :data:`_ADAPM_FAST` (compiled, or foreach
+    ops where a compile cannot run or a denominator broadcasts)."""
 
     def __init__(self, scalars: dict[str, float]) -> None:
         self.scalars, self.items = scalars, []
@@ -560,7 +562,7 @@ class _Pieces:
         if not items:
             return
         native = [it for it in items if _native.native_ok(*it[:4])]
-        lib = _native.library() if native else None
+        lib = _dispatch.native_library() if native else None
         if lib is None:
             native = []
         else:
@@ -577,20 +579,14 @@ class _Pieces:
             written = [it[0] for it in native] + [it[2] for it in native if it[4] == 1]
             increment_version(written + [it[3] for it in native if it[5]])
         done = {id(it) for it in native}
-        by_mode: dict[int, list] = {}
+        by_mode: dict[tuple[int, bool], list] = {}  # the rest: compiled where shapes match, else foreach
         for it in items:
-            if id(it) in done:
-                continue
-            w, g, mom, v, mode, full_v = it[:6]
-            lerp, mom_g, mom_d = _TORCH_MODES[mode]
-            if full_v:
-                by_mode.setdefault(mode, []).append((w, g, mom, v))
-            else:  # a broadcast denominator: eager, whole tensor
-                _adapm_kernel(w, g, mom, v, **self.scalars, mom_g=mom_g, mom_d=mom_d, lerp=lerp, full_v=False)
-        for mode, tensors in by_mode.items():
+            if id(it) not in done:
+                by_mode.setdefault((it[4], it[5]), []).append(it[:4])
+        for (mode, full_v), tensors in by_mode.items():
             lerp, mom_g, mom_d = _TORCH_MODES[mode]
             _ADAPM_FAST([list(col) for col in zip(*tensors)], {**self.scalars, "mom_g": mom_g, "mom_d": mom_d},
-                        {"lerp": lerp, "full_v": True})  # fmt: skip
+                        {"lerp": lerp, "full_v": full_v})  # fmt: skip
 
 
 def _fan_out_layout(shape: torch.Size, fan_out_dim: int) -> tuple[int, int, int]:
@@ -603,7 +599,7 @@ def _mini_mean_sq(g: torch.Tensor, blocks: Mapping[str, Any]) -> torch.Tensor:
     """:func:`~lowmem.optim.blocks.block_mean_sq` (kinds row, head, qkv, tensor): the native
     reduction for float32 contiguous CPU tensors (one pass, no g-sized temporary), else that one."""
     kind = blocks["block"]
-    lib = _native.library() if _native.native_ok(g) else None
+    lib = _dispatch.native_library() if _native.native_ok(g) else None
     if lib is None:
         return block_mean_sq(g, blocks)
     outer, n, inner = (1, 1, g.numel()) if kind == "tensor" else _fan_out_layout(g.shape, blocks["fan_out_dim"])

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from lowmem.optim._base import Capabilities, LowMemOptimizer, check_grad, check_hparams, state_dtype_for, step_groups
-from lowmem.optim import _native
-from lowmem.optim._fast import FusedForeach, check_fused, local_tensor, use_fast_path
+from lowmem.optim._dispatch import check_fused, use_fast_path
+from lowmem.optim._fast import FusedForeach, local_tensor
 
 __all__ = ["HMAdam", "HMAdamW", "hmadam", "variance_scale"]
 
@@ -155,13 +155,13 @@ class HMAdam(LowMemOptimizer):
         variance_correction: ``"noise"`` (default), ``"stationary"`` or ``"none"``: ``v`` from
             ``c m^2`` (:func:`variance_scale`); ``"hook"``: ``v`` from the incoming gradients
             through per-parameter hooks (AdamW's ``v``; single process, see above).
-        fused: ``True`` runs the step as one fused kernel with no parameter-sized temporaries:
-            hand-written C for float32 contiguous CPU tensors (``lowmem.optim._native``, built on
-            first use in ~0.3 s), else ``torch.compile``'d (``lowmem.optim._fast``; the first step
-            compiles, 10-30 s on 2 CPU cores),
-            ``False`` the plain for-loop (two temporaries the size of the largest parameter),
-            ``None`` picks the compiled one when the optimizer holds at least 2**20 elements and
-            ``torch.compile`` is available.
+        fused: ``True`` runs the step as one fused kernel with no parameter-sized temporaries,
+            on the backends of :mod:`lowmem.optim._dispatch`: hand-written C for float32
+            contiguous CPU tensors (built on first use in ~0.3 s), else ``torch.compile``'d (the
+            first step compiles, 10-30 s on 2 CPU cores), else as foreach ops (chunk-sized
+            temporaries); ``False`` the plain for-loop (two temporaries the size of the largest
+            parameter); ``None`` (default) the fast path when the optimizer holds at least
+            2**20 elements.
         state_in_param_dtype: keep ``v`` in the parameter's dtype instead of fp32.
         max_momentum_norm: clip threshold on the global norm of ``m = (1-b1) B``; None disables.
     """
@@ -727,7 +727,7 @@ def _hmadam_kernel(
     buf.copy_(beta1 * b)
 
 
-_HMADAM_FAST = FusedForeach(_hmadam_kernel, name="hmadam")
+_HMADAM_FAST = FusedForeach(_hmadam_kernel, native="lowmem_hmadam_f32", name="hmadam")
 
 
 def _fused_hmadam(
@@ -750,7 +750,5 @@ def _fused_hmadam(
             "eps": eps,
             "beta1": beta1,
         }
-        lists = [[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]]
-        rest = _native.elementwise("lowmem_hmadam_f32", lists, scalars)  # float32 CPU tensors
-        if rest:
-            _HMADAM_FAST([[tensors[i] for i in rest] for tensors in lists], scalars=scalars)
+        _HMADAM_FAST([[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]],
+                     scalars)  # fmt: skip

@@ -54,12 +54,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 
-from lowmem.optim import _native
+from lowmem.optim import _dispatch, _native
 from lowmem.optim._base import (
-    Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, check_non_negative, state_dtype_for,
+    Capabilities, LowMemOptimizer, check_grad, check_hparams, check_non_negative, state_dtype_for,
     step_groups,
 )  # fmt: skip
-from lowmem.optim._fast import FusedForeach, use_fast_path
+from lowmem.optim._adamw import adamw
+from lowmem.optim._dispatch import check_fused, use_fast_path
+from lowmem.optim._fast import FusedForeach
 from lowmem.optim._io_stats import StatsHooks, io_weights, power_sum, transposed_layout
 from lowmem.optim._sharding import check_fsdp_layout, is_sharded, local_rows, state_like
 from lowmem.optim.roles import weight_decay_param_groups
@@ -142,10 +144,10 @@ class IOAdam(LowMemOptimizer):
         fused_step: how ``step()`` runs (``fused`` above is about the backward). ``True``: the
             fast path, one kernel per step for the IO-Adam weights that builds ``D`` tile by tile
             while it updates ``M`` and ``W`` (``D`` never stored: hand-written C for float32
-            contiguous CPU tensors, ``lowmem.optim._native``; else ``D`` from one GEMM and a
-            ``torch.compile``'d update), and the native AdamW kernel for the other parameters;
-            ``False``: the plain for-loop (the reference); ``None``: the fast path when the
-            optimizer holds at least 2**20 elements and ``torch.compile`` is available. FSDP2
+            contiguous CPU tensors; else ``D`` from one GEMM and the update compiled or as
+            foreach ops: the backends of :mod:`lowmem.optim._dispatch`), and AdamW's fast path
+            for the other parameters; ``False``: the plain for-loop (the reference); ``None``
+            (default): the fast path when the optimizer holds at least 2**20 elements. FSDP2
             shards and a ``torch.compile``'d step take the for-loop either way.
     """
 
@@ -186,8 +188,7 @@ class IOAdam(LowMemOptimizer):
             check_non_negative("IOAdam", adamw_lr=adamw_lr)
         if fused:
             _check_single_process()
-        if fused_step not in (None, True, False):
-            raise ValueError(f"IOAdam: invalid fused_step={fused_step!r}; expected True, False or None (automatic)")
+        check_fused("IOAdam", fused_step, key="fused_step")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, buffer_size=int(buffer_size),
             p=float(p), buffer_mode=buffer_mode, io=False, state_in_param_dtype=state_in_param_dtype,
@@ -450,10 +451,9 @@ class IOAdam(LowMemOptimizer):
                     self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
             else:
                 params, grads, exp_avgs, exp_avg_sqs, steps = self._init_adamw_group(group)
-                adamw = _native_adamw if fast else _single_tensor_adamw
                 adamw(
-                    params, grads, exp_avgs, exp_avg_sqs, steps,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=group["weight_decay"], fused=fast,
                 )  # fmt: skip
         self._staged.clear()
         self._momentum_ready.clear()
@@ -542,33 +542,6 @@ def io_adam(
         c.mul_(beta2)
 
 
-def _single_tensor_adamw(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """AdamW (torch.optim.AdamW semantics) for the parameters IO-Adam does not own."""
-    for w, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        step_t += 1
-        t = step_t.item()
-        g = grad.to(exp_avg.dtype)
-        exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-        w_work = w if w.dtype == exp_avg.dtype else w.to(exp_avg.dtype)
-        w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**t))
-        if w_work is not w:
-            w.copy_(w_work)
-
-
 # --------------------------------------------------------------------------- the fast path (fused_step=True)
 
 
@@ -628,7 +601,7 @@ def _io_adam_fast(
     grads = [None if g is None else g.to(exp_avgs[i].dtype) for i, g in enumerate(grads)]
     native = [i for i in range(len(params)) if _native.native_ok(params[i], exp_avgs[i], *factors[i])
               and (grads[i] is None or _native.native_ok(grads[i]))]  # fmt: skip
-    lib = _native.library() if native else None
+    lib = _dispatch.native_library() if native else None
     if lib is None:
         native = []
     else:
@@ -656,24 +629,3 @@ def _io_adam_fast(
                        step_size=step_sizes[i], eps=eps)  # fmt: skip
         _IO_ADAM_FAST([[params[i]], [grad], [exp_avgs[i]], [d]], scalars, {"root": root})
     torch._foreach_mul_(out_stats + in_stats, beta2)
-
-
-def _native_adamw(
-    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-) -> None:  # fmt: skip
-    """:func:`_single_tensor_adamw` with the native AdamW kernel for float32 contiguous CPU tensors
-    (one call per distinct step count), the loop for the rest."""
-    ok = [i for i in range(len(params)) if _native.native_ok(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
-    lib = _native.library() if ok else None
-    rest = list(range(len(params))) if lib is None else [i for i in range(len(params)) if i not in set(ok)]
-    if lib is not None:
-        for step, positions in step_groups([state_steps[i] for i in ok]).items():
-            lists = [[t[ok[k]] for k in positions] for t in (params, grads, exp_avgs, exp_avg_sqs)]
-            left = _native.elementwise("lowmem_adamw_f32", lists, adam_scalars(lr, beta1, beta2, eps, weight_decay,
-                                                                                step))  # fmt: skip
-            assert not left  # native_ok was checked
-    _single_tensor_adamw(
-        *([t[i] for i in rest] for t in (params, grads, exp_avgs, exp_avg_sqs, state_steps)),
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-    )  # fmt: skip

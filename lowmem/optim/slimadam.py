@@ -27,9 +27,11 @@ from torch.autograd.graph import increment_version
 from lowmem.optim._base import (
     Capabilities, LowMemOptimizer, adam_scalars, check_grad, check_hparams, state_dtype_for, step_groups,
 )  # fmt: skip
-from lowmem.optim import _native
+from lowmem.optim import _dispatch, _native
 from lowmem.optim._sharding import all_reduce_sum, check_fsdp_layout, is_sharded, state_like
-from lowmem.optim._fast import FusedForeach, _no_duck_sizing, check_fused, compile_available, local_tensor, use_fast_path
+from lowmem.optim._adamw import ADAMW_STEP, adam_update
+from lowmem.optim._dispatch import check_fused, compiled_available, use_fast_path
+from lowmem.optim._fast import _no_duck_sizing, local_tensor
 
 __all__ = ["SlimAdamW", "slimadamw"]
 
@@ -96,11 +98,11 @@ class SlimAdamW(LowMemOptimizer):
         lr, betas, eps: as AdamW (defaults 1e-3, ``(0.9, 0.95)``, 1e-8); the paper uses
             AdamW's learning rate unchanged.
         weight_decay: decoupled weight decay (default 0.1), never applied to 1-D parameters.
-        fused: fast step: float32 contiguous CPU tensors in hand-written C kernels
-            (``lowmem.optim._native``, built with the system C compiler on first use), others
-            compiled (``lowmem.optim._fast`` for the uncompressed ones, one kernel per
-            compressed one). ``None`` picks it automatically for large models when
-            ``torch.compile`` works; ``False`` is the for-loop reference.
+        fused: ``True`` runs the fast path on the backends of :mod:`lowmem.optim._dispatch`:
+            float32 contiguous CPU tensors in hand-written C kernels, others compiled (one
+            kernel per compressed tensor); where no compile can run, uncompressed tensors as
+            foreach ops and compressed ones by the for-loop's maths. ``False``: the for-loop
+            reference; ``None`` (default): the fast path from 2**20 elements on.
         state_in_param_dtype: keep the state of bf16/fp16 parameters in their dtype, not fp32.
 
     FSDP2: parameters that ``fully_shard`` split along dim 0 (DTensors) step on their local
@@ -248,7 +250,7 @@ def slimadamw(
     """Functional SlimAdamW step over lists of tensors (see :class:`SlimAdamW` for the maths).
 
     Increments each ``state_steps`` entry and updates ``params``, ``exp_avgs`` and ``exp_avg_sqs``
-    in place; ``fused=True`` runs the compiled path, ``False`` the for-loop reference.
+    in place; ``fused=True`` runs the fast path, ``False`` the for-loop reference.
     """
     impl = _fused_slimadamw if fused else _single_tensor_slimadamw
     impl(
@@ -343,54 +345,15 @@ def comm_bytes(params: Iterable[Tensor], exp_avg_sqs: Iterable[Tensor], dims: tu
 
 # ------------------------------------------------------------------------------ fast path
 #
-# Uncompressed tensors are element-wise: one native call for the float32 CPU ones, the others
-# through lowmem.optim._fast. A compressed tensor is seen as an (R, C) matrix reduced over C
+# Uncompressed tensors are element-wise: AdamW's fast path (lowmem.optim._adamw). A compressed tensor is seen as an (R, C) matrix reduced over C
 # ("rows") or over R ("cols"):
 # - float32 on CPU: the hand-written kernels of _native_kernels.c (rows: one pass, 20 B/param;
 #   cols: two row-contiguous passes). Measured at 50M parameters against fused AdamW: rows
 #   0.76-0.84x, cols 0.79-0.92x (the Inductor kernel below: 1.18x and 1.63x);
 # - other dtypes and devices: one compiled kernel per tensor (FusedForeach needs equal shapes
 #   within an index; v here is (R, 1) or (1, C)). Inductor makes it two loops, the reduction of
-#   g^2 and then the update, and walks a column reduction strip by strip down all rows.
-
-
-def _adamw_kernel(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    *,
-    param_decay: Tensor,
-    one_minus_beta1: Tensor,
-    beta2: Tensor,
-    one_minus_beta2: Tensor,
-    step_size: Tensor,
-    bias_correction2_sqrt: Tensor,
-    eps: Tensor,
-) -> None:
-    """compress_dims=None for one tensor, for Inductor (scalars precomputed in float64 on the host)."""
-    g = grad.to(step_size.dtype)
-    _adam_update(param, g, exp_avg, exp_avg_sq, g * g, param_decay, one_minus_beta1, beta2, one_minus_beta2,
-                 step_size, bias_correction2_sqrt, eps)  # fmt: skip
-
-
-def _adam_update(
-    param: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, g_sq: Tensor, param_decay: Tensor,
-    one_minus_beta1: Tensor, beta2: Tensor, one_minus_beta2: Tensor, step_size: Tensor,
-    bias_correction2_sqrt: Tensor, eps: Tensor,
-) -> None:  # fmt: skip
-    """The element-wise tail both kernels share: EMAs of g and of ``g_sq`` (g^2, or its mean over
-    the compressed dims, broadcast), then the decayed, bias-corrected Adam update of ``param``."""
-    compute = step_size.dtype
-    v = beta2 * exp_avg_sq.to(compute) + one_minus_beta2 * g_sq
-    m = exp_avg.to(compute)
-    m = m + one_minus_beta1 * (g - m)
-    exp_avg_sq.copy_(v)
-    exp_avg.copy_(m)
-    param.copy_(param.to(compute) * param_decay - step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
-
-
-_SLIM_FULL_FAST = FusedForeach(_adamw_kernel, name="slimadamw_full")
+#   g^2 and then the update, and walks a column reduction strip by strip down all rows;
+# - where no compile can run (lowmem.optim._dispatch.compiled_available): the for-loop's maths.
 
 
 def _reduced_kernel(
@@ -410,14 +373,15 @@ def _reduced_kernel(
     """One compressed (R, C) tensor; ``exp_avg_sq`` is (R, 1) (``rows``) or (1, C)."""
     g = grad.to(step_size.dtype)
     g_sq = (g * g).mean(dim=1 if rows else 0, keepdim=True)
-    _adam_update(param, g, exp_avg, exp_avg_sq, g_sq, param_decay, one_minus_beta1, beta2, one_minus_beta2,
+    adam_update(param, g, exp_avg, exp_avg_sq, g_sq, param_decay, one_minus_beta1, beta2, one_minus_beta2,
                  step_size, bias_correction2_sqrt, eps)  # fmt: skip
 
 
 class _ReducedRunner:
     """``_reduced_kernel`` compiled once per process with dynamic shapes (one graph per ``rows``
-    value and dtype combination). If ``torch.compile`` is unavailable or fails, it warns once and
-    every call returns False: the caller then runs the for-loop reference for that tensor."""
+    value and dtype combination). Where the compiled tier cannot run, every call returns False
+    (if a compile fails: after one warning): the caller then runs the for-loop's maths for that
+    tensor."""
 
     def __init__(self) -> None:
         self.compiled: Any = None
@@ -426,12 +390,9 @@ class _ReducedRunner:
 
     def __call__(self, tensors: tuple[Tensor, ...], scalars: dict[str, float], rows: bool) -> bool:
         """Run the kernel on ``(param, grad, exp_avg, exp_avg_sq)``; False if it could not run."""
-        if self.failed:
+        if self.failed or not compiled_available(tensors[0].device):
             return False
         if self.compiled is None:
-            if not compile_available():
-                self._fail(RuntimeError("torch.compile is not supported on this Python/platform"))
-                return False
             # dynamic_threads: with dynamic shapes Inductor picks serial or parallel code from the
             # first call's sizes; a small first tensor would make every later one single-threaded.
             options = {"cpp.dynamic_threads": True}
@@ -452,8 +413,8 @@ class _ReducedRunner:
     def _fail(self, err: BaseException) -> None:
         self.failed = True
         warnings.warn(
-            f"lowmem fast path for SlimAdamW: torch.compile is unavailable or failed ({type(err).__name__}: {err}); "
-            "compressed tensors use the for-loop from now on. Pass fused=False to silence this.",
+            f"lowmem fast path for SlimAdamW: torch.compile failed ({type(err).__name__}: {err}); compressed "
+            "tensors use the for-loop from now on. Set LOWMEM_BACKENDS=native,foreach to skip the compile.",
             RuntimeWarning,
             stacklevel=5,
         )
@@ -483,7 +444,7 @@ def _run_native(items: list[tuple[Tensor, Tensor, Tensor, Tensor, int, int, bool
     """Compressed float32 CPU tensors ``(p, g, m, v, R, C, rows)`` through the hand-written
     kernels (``_native``), one call each. False if the library is unavailable (the caller then
     uses the compiled kernel)."""
-    lib = _native.library()
+    lib = _dispatch.native_library()
     if lib is None:
         return False
     hparams = [scalars[k] for k in _native.ADAM_SCALARS]
@@ -516,10 +477,7 @@ def _fused_slimadamw(
                 ix = [i for i in indices if (params[i].dim() >= 2) == decays]
                 if ix:
                     lists = [[t[i] for i in ix] for t in (params, grads, exp_avgs, exp_avg_sqs)]
-                    group_scalars = scalars if decays else {**scalars, "param_decay": 1.0}
-                    rest = _native.elementwise("lowmem_adamw_f32", lists, group_scalars)  # float32 CPU tensors
-                    if rest:
-                        _SLIM_FULL_FAST([[t[i] for i in rest] for t in lists], scalars=group_scalars)
+                    ADAMW_STEP(lists, scalars if decays else {**scalars, "param_decay": 1.0})
             continue
         native, compiled, loop = [], [], []
         for i in indices:
