@@ -45,8 +45,8 @@ def _with(strategy: strategies.OptimizerStrategy, **extra: Any) -> Builder:
 def optimizer_builders(fast: bool = True) -> dict[str, Builder]:
     """Name -> builder for every optimizer the benchmarks compare, with the strategies' defaults.
 
-    ``fast`` selects the fast path (``fused=True``: native or compiled kernels) of HMAdamW, AdamS,
-    SlimAdamW and Adam-mini; ``False`` runs their for-loop reference (what ``--quick`` uses).
+    ``fast`` selects the fast path (``fused=True``: the backends of ``lowmem.optim._dispatch``) of
+    every lowmem optimizer; ``False`` runs their for-loop reference (what ``--quick`` uses).
     The baseline of every ratio is ``"AdamW (fused)"``: ``torch.optim.AdamW(fused=True)``.
     """
     return {
@@ -56,10 +56,10 @@ def optimizer_builders(fast: bool = True) -> dict[str, Builder]:
         "AdamS": _with(strategies.AdamS(fused=fast)),
         "SlimAdamW": _with(strategies.SlimAdamW(fused=fast)),
         "Adam-mini": _with(strategies.AdamMini(fused=fast)),
-        "AdaPM": _with(strategies.AdaPM()),
-        "AdaPM-mini": _with(strategies.AdaPM(second_moment="mini")),
-        "IO-Adam": _with(strategies.IOAdam()),
-        "IO-Adam (fused)": _with(strategies.IOAdam(fused=True)),
+        "AdaPM": _with(strategies.AdaPM(fused=fast)),
+        "AdaPM-mini": _with(strategies.AdaPM(second_moment="mini", fused=fast)),
+        "IO-Adam": _with(strategies.IOAdam(fused=fast)),
+        "IO-Adam (fused)": _with(strategies.IOAdam(fused_linear=True, fused=fast)),
         "Adafactor": _with(strategies.Adafactor()),
     }
 

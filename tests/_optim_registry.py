@@ -199,12 +199,15 @@ SPECS: list[OptimSpec] = [
     # IO-Adam's fast step (lowmem_ioadam_f32: D built tile by tile, never stored; compiled
     # elsewhere) and the native AdamW kernel for the other parameters.
     OptimSpec(
-        "IOAdam-fused-step",
+        "IOAdam-fused",
         IOAdam,
-        kwargs={"buffer_size": 3, "fused": False, "fused_step": True},
+        kwargs={"buffer_size": 3, "fused": True},
         needs_model=True,
         deepcopy_can_step=False,
-        invalid_kwargs=({"buffer_size": 0}, {"p": 1.0}, {"buffer_mode": "bogus"}, {"fused_step": "yes"}),
+        invalid_kwargs=({"buffer_size": 0}, {"p": 1.0}, {"buffer_mode": "bogus"}, {"fused": "yes"}),
         layout_exact=False,
     ),
+    # Its foreach tier: D from one GEMM, the update as foreach ops.
+    OptimSpec("IOAdam-foreach", IOAdam, kwargs={"buffer_size": 3, "fused": True}, needs_model=True,
+              deepcopy_can_step=False, layout_exact=False, backends=()),  # fmt: skip
 ]

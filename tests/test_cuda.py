@@ -1,7 +1,8 @@
 """The optimizers and the fp16 plugin on a CUDA device (``cuda`` marker; skipped without a GPU).
 
-On a GPU the fast path is the ``torch.compile``'d kernels (the native C kernels are CPU-only), so
-each fast-path optimizer is held against its own for-loop on CUDA and against the CPU for-loop.
+On a GPU the fast path is the ``torch.compile``'d kernels (the native C kernels are CPU-only), or
+the foreach tier where there is no ``torch.compile``, so each fast-path optimizer is held on
+CUDA, on each of the two, against the CPU for-loop.
 ``scripts/gpu_check.sh`` runs these and the multi-GPU (NCCL) ``lowmem fit`` checks on a GPU machine.
 """
 
@@ -25,6 +26,7 @@ OPTIMIZERS = {
         [{"params": params[:1], "compress_dims": (1,)}, {"params": params[1:2], "compress_dims": (0,)},
          {"params": params[2:]}], lr=1e-2, fused=fused),  # fmt: skip
     "AdamMini": lambda params, fused: optim.AdamMini(params, lr=1e-2, fused=fused),
+    "AdaPM": lambda params, fused: optim.AdaPM(params, lr=1e-2, fused=fused),
 }
 SHAPES = [(64, 33), (17, 128), (257,)]
 
@@ -45,11 +47,15 @@ def _run(name: str, device: str, fused: bool, steps: int = 10) -> list[torch.Ten
     return [p.detach().cpu() for p in params]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["for-loop", "compiled"])
+@pytest.mark.parametrize("backend", ["for-loop", "compiled", "foreach"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_cuda_matches_the_cpu_for_loop(name, fused):
-    for got, want in zip(_run(name, "cuda", fused), _run(name, "cpu", False)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+def test_cuda_matches_the_cpu_for_loop(name, backend):
+    from lowmem.optim import _dispatch
+
+    with _dispatch.only("native", "compiled") if backend != "foreach" else _dispatch.only():
+        got = _run(name, "cuda", backend != "for-loop")
+    for a, b in zip(got, _run(name, "cpu", False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_lowmem_fit_hmadamw_fp16_on_one_gpu(tmp_path, monkeypatch):

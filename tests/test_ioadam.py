@@ -144,15 +144,15 @@ HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 @pytest.mark.parametrize("p", [2.0, 3.0])
 @pytest.mark.parametrize("mode", ["paper", "per_slot"])
 def test_matches_dense_float64_reference(mode, p, fused, backend, request):
-    """The spec in float64 against the for-loop step (fused_step=False), the native step (float32:
+    """The spec in float64 against the for-loop step (fused=False), the native step (float32:
     D built tile by tile, native AdamW) and the compiled one (float64, native library off), each
     with the statistics from hooks or from the fused backward."""
-    dtype, fused_step, tol = use_backend(backend, request)
+    dtype, fast_step, tol = use_backend(backend, request)
     steps, b = 110, 4
     net = make_net(dtype=dtype)
     init = {n: v.detach().double().clone() for n, v in net.named_parameters()}
     data = [(x.to(dtype).double(), y.to(dtype).double()) for x, y in batches(steps, seed=1)]  # what the net sees
-    opt = run_lowmem(net, data, buffer_size=b, p=p, buffer_mode=mode, fused=fused, fused_step=fused_step, **HP)
+    opt = run_lowmem(net, data, buffer_size=b, p=p, buffer_mode=mode, fused_linear=fused, fused=fast_step, **HP)
     ref_P, ref_M, ref_R, ref_C = reference_run(
         init, data, lr=HP["lr"], betas=HP["betas"], eps=HP["eps"], wd=HP["weight_decay"], b=b, p=p, mode=mode
     )
@@ -208,9 +208,9 @@ def test_many_tokens_second_moment_bounds_g_squared(p):
 def test_two_micro_batches_equal_one_full_batch_and_eval_forwards_leak_nothing(fused):
     data = batches(25, seed=2, tokens=(6, 4))
     full = make_net()
-    run_lowmem(full, data, buffer_size=3, fused=fused, **HP)
+    run_lowmem(full, data, buffer_size=3, fused_linear=fused, **HP)
     net = make_net()
-    opt = IOAdam(net, buffer_size=3, fused=fused, **HP)
+    opt = IOAdam(net, buffer_size=3, fused_linear=fused, **HP)
     probe = torch.randn(2, 4, IN, dtype=torch.float64)
     for x, y in data:
         opt.zero_grad()
@@ -297,7 +297,7 @@ def test_fused_with_tied_embedding_matches_hooks():
     for fused in (False, True):
         torch.manual_seed(0)
         lm = TiedLM().double()
-        opt = IOAdam(lm, lr=1e-2, buffer_size=2, fused=fused)
+        opt = IOAdam(lm, lr=1e-2, buffer_size=2, fused_linear=fused)
         for batch in ids:
             opt.zero_grad()
             F.cross_entropy(lm(batch).reshape(-1, 13), batch.reshape(-1)).backward()
@@ -313,9 +313,9 @@ def test_fused_with_tied_embedding_matches_hooks():
 @pytest.mark.parametrize("fused", [False, True], ids=["hooks", "fused"])
 @pytest.mark.parametrize("mode, p", [("paper", 2.0), ("per_slot", 3.0), ("paper", 3.0)])
 def test_fast_step_follows_the_for_loop(mode, p, fused, backend, request):
-    """fused_step=True against fused_step=False on the same batches: the Linear net (a weight used
+    """fused=True against fused=False on the same batches: the Linear net (a weight used
     by two modules, an in-place op after a Linear), the tied-embedding LM (the embedding's counts
-    and dE in the same buffers; with fused=True its grad is added to the fused momentum) and a
+    and dE in the same buffers; with fused_linear=True its grad is added to the fused momentum) and a
     Hugging Face Conv1D net (the (n_in, n_out) layout)."""
     from test_ioadam_conv1d import SIZES, ConvNet
 
@@ -332,8 +332,8 @@ def test_fast_step_follows_the_for_loop(mode, p, fused, backend, request):
     ]  # fmt: skip
     for net, inputs, loss in cases:
         twin = copy.deepcopy(net)
-        kw = dict(lr=1e-2, buffer_size=3, p=p, buffer_mode=mode, fused=fused)
-        loop, fast = IOAdam(net, fused_step=False, **kw), IOAdam(twin, fused_step=True, **kw)
+        kw = dict(lr=1e-2, buffer_size=3, p=p, buffer_mode=mode, fused_linear=fused)
+        loop, fast = IOAdam(net, fused=False, **kw), IOAdam(twin, fused=True, **kw)
         for _ in range(8):
             args = [a.to(dtype) if a.is_floating_point() else a for a in inputs()]
             for model, opt in ((net, loop), (twin, fast)):
@@ -350,7 +350,7 @@ def test_fast_step_follows_the_for_loop(mode, p, fused, backend, request):
 
 
 def test_fast_step_routing_and_validation(monkeypatch):
-    """fused_step=None: the fast step from 2**20 elements (not below); a bad value is named."""
+    """fused=None: the fast step from 2**20 elements (not below); a bad value is named."""
     from lowmem.optim import ioadam as ioadam_module
 
     calls = []
@@ -363,8 +363,8 @@ def test_fast_step_routing_and_validation(monkeypatch):
         calls.clear()
         opt.step()
         assert len(calls) == expected, width
-    with pytest.raises(ValueError, match="fused_step='yes'"):
-        IOAdam(nn.Linear(2, 2), fused_step="yes")
+    with pytest.raises(ValueError, match="fused='yes'"):
+        IOAdam(nn.Linear(2, 2), fused="yes")
 
 
 def test_float32_cpu_weights_take_the_native_kernels(monkeypatch):
@@ -379,7 +379,7 @@ def test_float32_cpu_weights_take_the_native_kernels(monkeypatch):
 
     monkeypatch.setattr(_native, "library", lambda: Spy())
     net = make_net(dtype=torch.float32)
-    opt = IOAdam(net, fused_step=True)
+    opt = IOAdam(net, fused=True)
     net(torch.randn(3, IN)).square().mean().backward()
     opt.step()
     assert {"lowmem_ioadam_f32", "lowmem_adamw_f32"} <= used
@@ -447,14 +447,14 @@ def test_adamw_lr_and_groups():
 def test_fused_refuses_ddp(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(RuntimeError, match="DDP.*fused=False"):
-        IOAdam(make_net(), fused=True)
+    with pytest.raises(RuntimeError, match="DDP.*fused_linear=False"):
+        IOAdam(make_net(), fused_linear=True)
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_remove_hooks_and_context_manager(fused):
     net = make_net()
-    with IOAdam(net, fused=fused) as opt:
+    with IOAdam(net, fused_linear=fused) as opt:
         assert ("forward" in net.fc1.__dict__) == fused and bool(net.fc1._forward_hooks) != fused
         F.mse_loss(net(torch.randn(2, IN, dtype=torch.float64)), torch.zeros(2, OUT, dtype=torch.float64)).backward()
         opt.step()
@@ -468,7 +468,7 @@ def test_remove_hooks_and_context_manager(fused):
 
 def test_discarded_optimizer_detaches_its_hooks():
     net = make_net()
-    opt = IOAdam(net, fused=True)
+    opt = IOAdam(net, fused_linear=True)
     del opt
     import gc
 
@@ -545,13 +545,13 @@ def test_ddp_statistics_are_averaged_and_match_one_process_on_the_whole_batch(mo
 def test_state_dict_round_trip_continues_bit_for_bit(fused):
     data = batches(14, seed=5)
     net = make_net()
-    opt = run_lowmem(net, data[:7], buffer_size=4, fused=fused, **HP)
+    opt = run_lowmem(net, data[:7], buffer_size=4, fused_linear=fused, **HP)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     net2 = copy.deepcopy(net)
-    opt2 = IOAdam(net2, buffer_size=4, fused=fused, **HP)
+    opt2 = IOAdam(net2, buffer_size=4, fused_linear=fused, **HP)
     opt2.load_state_dict(loaded)
     w = net.fc1.weight
     assert set(loaded["state"][0]) == {"step", "slot", "exp_avg", "out_stats", "in_stats"} and loaded["state"][0]["slot"] == 3
@@ -591,7 +591,7 @@ def test_bf16_autocast_fused_matches_hooks():
     for fused in (False, True):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(9, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
-        opt = IOAdam(net, lr=1e-2, buffer_size=2, fused=fused)
+        opt = IOAdam(net, lr=1e-2, buffer_size=2, fused_linear=fused)
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):
             opt.zero_grad()
@@ -608,7 +608,7 @@ def test_bf16_autocast_fused_matches_hooks():
 def test_state_bytes_is_momentum_plus_io_buffers(fused):
     b = 5
     net = make_net(dtype=torch.float32)
-    opt = run_lowmem(net, [(x.float(), y.float()) for x, y in batches(2, seed=6)], buffer_size=b, fused=fused)
+    opt = run_lowmem(net, [(x.float(), y.float()) for x, y in batches(2, seed=6)], buffer_size=b, fused_linear=fused)
     step_bytes = 4 * len(opt.state)
     io_bytes = sum(4 * (w.numel() + b * sum(w.shape)) for g in opt.param_groups if g["io"] for w in g["params"])
     adamw_bytes = sum(8 * w.numel() for g in opt.param_groups if not g["io"] for w in g["params"])

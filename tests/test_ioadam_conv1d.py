@@ -76,7 +76,7 @@ def test_conv1d_steps_exactly_as_linear_with_transposed_weights(fused, mode):
     torch.manual_seed(0)
     conv = ConvNet().double()
     lin = LinearNet(conv)
-    kw = dict(lr=1e-2, buffer_size=3, p=3.0 if mode == "per_slot" else 2.0, buffer_mode=mode, fused=fused)
+    kw = dict(lr=1e-2, buffer_size=3, p=3.0 if mode == "per_slot" else 2.0, buffer_mode=mode, fused_linear=fused)
     opt_c, opt_l = IOAdam(conv, **kw), IOAdam(lin, **kw)
     assert all(is_hf_conv1d(m) for m in conv.layers)
     owned = {id(w) for g in opt_c.param_groups if g["io"] for w in g["params"]}

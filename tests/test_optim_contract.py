@@ -346,7 +346,7 @@ def test_model_with_a_live_ioadam_pickles_and_deep_copies(fused: bool) -> None:
     original run continues exactly like one that was never copied."""
     data = batches(4)
     model, ref = make(), make()
-    opt, ref_opt = IOAdam(model, fused=fused), IOAdam(ref, fused=fused)
+    opt, ref_opt = IOAdam(model, fused_linear=fused), IOAdam(ref, fused_linear=fused)
     train(model, opt, data[:1])
     train(ref, ref_opt, data[:1])
     clones = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]

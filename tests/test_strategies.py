@@ -112,9 +112,9 @@ def test_value_clipping_refused_at_setup_and_fused_ioadam_refused_under_ddp():
         message = refusal(name, stand_in(None, clip_val=1.0, clip_algorithm="value"))
         assert ("gradient_clip_algorithm=norm" in message) if name in FOLDS else message is None
         assert refusal(name, stand_in(None, clip_val=1.0, clip_algorithm="norm")) is None
-    with pytest.raises(StrategyError, match="fused: false"):
-        strategies.IOAdam(fused=True).check(stand_in(DDPStrategy(), world_size=2))
-    strategies.IOAdam(fused=True).check(stand_in(None))  # one process: fine
+    with pytest.raises(StrategyError, match="fused_linear: false"):
+        strategies.IOAdam(fused_linear=True).check(stand_in(DDPStrategy(), world_size=2))
+    strategies.IOAdam(fused_linear=True).check(stand_in(None))  # one process: fine
 
 
 def test_capabilities_of_torch_optimizers():

@@ -113,7 +113,7 @@ class LowMemCallback(pl.Callback):
         for optimizer in trainer.optimizers:
             caps, name = capabilities_of(optimizer), type(optimizer).__name__
             if not isinstance(strategy, OptimizerStrategy):
-                check_trainer(trainer, caps, name, single_process=caps.needs_model and getattr(optimizer, "_fused", False))
+                check_trainer(trainer, caps, name, single_process=caps.needs_model and getattr(optimizer, "_fused_linear", False))
             if caps.folds_momentum_into_grad and not isinstance(pl_module, FoldedMomentumMixin):
                 raise StrategyError(
                     f"{name} keeps its momentum in .grad, which Lightning zeroes at every stage start and before "

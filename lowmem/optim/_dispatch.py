@@ -92,10 +92,10 @@ def only(*backends: Backend | str) -> Iterator[None]:
         _enabled = previous
 
 
-def check_fused(name: str, fused: object, key: str = "fused") -> None:
+def check_fused(name: str, fused: object) -> None:
     """Validate an optimizer's ``fused`` argument: True, False or None (automatic)."""
     if fused not in (None, True, False):
-        raise ValueError(f"{name}: invalid {key}={fused!r}; expected True, False or None (automatic)")
+        raise ValueError(f"{name}: invalid fused={fused!r}; expected True, False or None (automatic)")
 
 
 def use_fast_path(fused: bool | None, total_numel: int) -> bool:

@@ -7,7 +7,7 @@ tokens (every leading dimension of ``X``/``dY`` counts as tokens)::
     in_sum[j]  = sum_tokens |X[:, j]|^p      (n_in vector)
     out_sum[i] = sum_tokens |dY[:, i]|^q     (n_out vector),   q = p / (p - 1)
 
-How they are captured (``fused=False``):
+How they are captured (``fused_linear=False``):
 
 - a forward hook reduces ``X`` to ``in_sum`` at once (``X`` itself is never kept: only an n_in
   vector lives on) and registers a *tensor hook on the output* (on its base when the output is a
@@ -27,7 +27,7 @@ module's outputs in a ``BackwardHookFunction`` that breaks in-place ops on them 
 ReLU after the Linear raises), and it still needs per-call pairing with the forward. A tensor
 hook registered before an in-place op receives the gradient of the value it was registered on.
 
-``fused=True`` replaces the forward of each qualifying ``nn.Linear`` (an instance attribute,
+``fused_linear=True`` replaces the forward of each qualifying ``nn.Linear`` (an instance attribute,
 removed again by :meth:`StatsHooks.remove`) by a custom autograd Function whose backward computes
 the input and bias gradients, reduces ``X``/``dY`` to the power sums, adds ``(1-b1) dY^T X``
 straight into the momentum, and returns ``None`` for the weight: ``W.grad`` is never created.
@@ -311,14 +311,14 @@ class StatsHooks:
         linears: dict[int, list[nn.Linear]],
         embeddings: dict[int, list[nn.Embedding]],
         params: dict[int, Tensor],
-        fused: bool,
+        fused_linear: bool,
     ) -> None:
         ref = _OptRef(optimizer)
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
         for pid, modules in linears.items():
             for m in modules:
-                if fused:
+                if fused_linear:
                     m.forward = partial(_fused_forward, ref, params[pid], m)
                     self._patched.append(m)
                 else:

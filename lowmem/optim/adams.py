@@ -244,4 +244,4 @@ def _fused_adams(
             "step_size": lr / bc1,
             "eps": eps,
         }
-        _ADAMS_FAST([[params[i] for i in indices], [grads[i] for i in indices], [exp_avgs[i] for i in indices]], scalars)
+        _ADAMS_FAST([[t[i] for i in indices] for t in (params, grads, exp_avgs)], scalars)

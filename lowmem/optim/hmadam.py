@@ -750,5 +750,4 @@ def _fused_hmadam(
             "eps": eps,
             "beta1": beta1,
         }
-        _HMADAM_FAST([[params[i] for i in indices], [grads[i] for i in indices], [exp_avg_sqs[i] for i in indices]],
-                     scalars)  # fmt: skip
+        _HMADAM_FAST([[t[i] for i in indices] for t in (params, grads, exp_avg_sqs)], scalars)

@@ -74,10 +74,10 @@ _BUFFER_MODES = ("paper", "per_slot")
 def _check_single_process() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError(
-            f"IOAdam(fused=True) runs in a single process only, but torch.distributed is initialized with world "
-            f"size {dist.get_world_size()}: under DDP the fused weights have no .grad for DDP to average, so the "
-            "replicas would drift apart. Use IOAdam(model, fused=False), which lets DDP average the gradients and "
-            "all-reduces the input/output statistics in step()."
+            f"IOAdam(fused_linear=True) runs in a single process only, but torch.distributed is initialized with "
+            f"world size {dist.get_world_size()}: under DDP the fused weights have no .grad for DDP to average, so "
+            "the replicas would drift apart. Use IOAdam(model, fused_linear=False), which lets DDP average the "
+            "gradients and all-reduces the input/output statistics in step()."
         )
 
 
@@ -104,17 +104,17 @@ class IOAdam(LowMemOptimizer):
     statistics: the first such step raises an error; a partial bypass cannot be detected.
 
     Statistics are staged between steps and committed in ``step()``; ``zero_grad()`` discards
-    them with the gradients (``fused=False``), so a skipped step leaks nothing. With ``fused=True``
+    them with the gradients (``fused_linear=False``), so a skipped step leaks nothing. With ``fused_linear=True``
     there is no gradient to discard: ``zero_grad()`` leaves the accumulated momentum and
     statistics alone and every backward until the next step counts, like gradient accumulation.
     ``load_state_dict`` discards staged statistics. Staged statistics are not saved (nor are
     gradients).
 
-    Distributed: under DDP (``fused=False``) ``step()`` all-reduces (sums) this step's staged
+    Distributed: under DDP (``fused_linear=False``) ``step()`` all-reduces (sums) this step's staged
     sums of every IO-Adam weight in one collective over the default process group before it
     commits them (the output-gradient terms staged scaled, see the module docstring), so every
     rank computes the ``D`` of one process at the global batch; every rank must call ``step()``.
-    ``fused=True`` refuses a world size above 1. Under FSDP2 (``fully_shard``: weights sharded
+    ``fused_linear=True`` refuses a world size above 1. Under FSDP2 (``fully_shard``: weights sharded
     along dim 0, the output rows) each rank still sees the whole ``X`` and ``dY`` of its own
     micro-batch, so the statistics are captured and summed exactly as under DDP; then each rank
     keeps the rows of ``R`` (sharded like the weight, as ``M`` is) that its shard of ``W`` needs,
@@ -122,7 +122,7 @@ class IOAdam(LowMemOptimizer):
 
     Not compatible with an fp16 ``GradScaler`` (``R`` sees the scaled ``dY``, the unscale does
     not reach it, and fused updates happen before the inf check): use bf16. Gradient clipping
-    scales ``M`` but not ``D``, and with ``fused=True`` it does not see these weights at all.
+    scales ``M`` but not ``D``, and with ``fused_linear=True`` it does not see these weights at all.
 
     Args:
         model: the module to optimize (all its trainable parameters); hooks are registered on
@@ -137,11 +137,11 @@ class IOAdam(LowMemOptimizer):
         p: Hölder exponent of the inputs, ``p > 1``; the output gradients use ``q = p/(p-1)``
             (default 2). A large ``q`` (p near 1) can underflow ``|dY|^q`` in fp32.
         buffer_mode: ``"paper"`` (root of the sum over slots) or ``"per_slot"`` (sum of roots).
-        fused: accumulate ``M`` in the backward straight from ``dY`` and ``X``; the IO-Adam
+        fused_linear: accumulate ``M`` in the backward straight from ``dY`` and ``X``; the IO-Adam
             weights then never get a ``.grad`` (single process only).
         adamw_lr: lr of the AdamW parameters (default: ``lr``).
         state_in_param_dtype: keep state in the dtype of bf16/fp16 parameters instead of fp32.
-        fused_step: how ``step()`` runs (``fused`` above is about the backward). ``True``: the
+        fused: how ``step()`` runs (``fused_linear`` above is about the backward). ``True``: the
             fast path, one kernel per step for the IO-Adam weights that builds ``D`` tile by tile
             while it updates ``M`` and ``W`` (``D`` never stored: hand-written C for float32
             contiguous CPU tensors; else ``D`` from one GEMM and the update compiled or as
@@ -166,11 +166,11 @@ class IOAdam(LowMemOptimizer):
         buffer_size: int = 16,
         p: float = 2.0,
         buffer_mode: str = "paper",
-        fused: bool = False,
+        fused_linear: bool = False,
         *,
         adamw_lr: float | None = None,
         state_in_param_dtype: bool = False,
-        fused_step: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -186,13 +186,13 @@ class IOAdam(LowMemOptimizer):
             raise ValueError(f"IOAdam: invalid buffer_mode={buffer_mode!r}; expected one of {_BUFFER_MODES}")
         if adamw_lr is not None:
             check_non_negative("IOAdam", adamw_lr=adamw_lr)
-        if fused:
+        if fused_linear:
             _check_single_process()
-        check_fused("IOAdam", fused_step, key="fused_step")
+        check_fused("IOAdam", fused)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, buffer_size=int(buffer_size),
             p=float(p), buffer_mode=buffer_mode, io=False, state_in_param_dtype=state_in_param_dtype,
-            fused_step=fused_step,
+            fused=fused,
         )  # fmt: skip
         linears, embeddings = io_weights(model)
         groups = []
@@ -204,12 +204,12 @@ class IOAdam(LowMemOptimizer):
             if rest:
                 groups.append({**g, "params": rest, **({} if adamw_lr is None else {"lr": adamw_lr})})
         super().__init__(groups, defaults)
-        self._fused = bool(fused)
+        self._fused_linear = bool(fused_linear)
         self._reset_transient()
         params = {id(w): w for g in self.param_groups if g["io"] for w in g["params"]}
         # Weights stored (n_in, n_out) (HF Conv1D): R and C keep their meaning, W's dim 0 is C's.
         self._transposed = {w for pid, w in params.items() if transposed_layout(linears[pid])}
-        self._hooks: StatsHooks | None = StatsHooks(self, linears, embeddings, params, self._fused)
+        self._hooks: StatsHooks | None = StatsHooks(self, linears, embeddings, params, self._fused_linear)
         weakref.finalize(self, self._hooks.remove)
 
     def _reset_transient(self) -> None:
@@ -225,7 +225,7 @@ class IOAdam(LowMemOptimizer):
         # state but not step.
         super().__setstate__(state)
         if "_hooks" not in self.__dict__:
-            self._fused, self._hooks = False, None
+            self._fused_linear, self._hooks = False, None
         self.__dict__.setdefault("_transposed", set())
         self._reset_transient()
 
@@ -245,9 +245,9 @@ class IOAdam(LowMemOptimizer):
         self.remove_hooks()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients and discard the statistics staged with them (``fused=False``)."""
+        """Zero the gradients and discard the statistics staged with them (``fused_linear=False``)."""
         super().zero_grad(set_to_none)
-        if not self._fused:
+        if not self._fused_linear:
             self._staged.clear()
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
@@ -429,14 +429,14 @@ class IOAdam(LowMemOptimizer):
                     "the optimizer), so the Linear weights have no statistics. Build a new IOAdam(model) and "
                     "load_state_dict() this one's state to continue."
                 )
-        elif self._fused:
+        elif self._fused_linear:
             _check_single_process()
         else:
             self._all_reduce_statistics()
         total_numel = sum(w.numel() for g in self.param_groups for w in g["params"])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            fast = use_fast_path(group["fused_step"], total_numel)
+            fast = use_fast_path(group["fused"], total_numel)
             if group["io"]:
                 owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = (
                     self._init_io_group(group)
@@ -445,7 +445,7 @@ class IOAdam(LowMemOptimizer):
                     params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready,
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     p=group["p"], buffer_mode=group["buffer_mode"], transposed=transposed,
-                    fused_step=fast and not any(is_sharded(w) for w in owners),
+                    fused=fast and not any(is_sharded(w) for w in owners),
                 )  # fmt: skip
                 for w, k in zip(owners, slots):  # advance the slot once per processed step
                     self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
@@ -496,7 +496,7 @@ def io_adam(
     p: float,
     buffer_mode: str,
     transposed: list[bool] | None = None,
-    fused_step: bool = False,
+    fused: bool = False,
 ) -> None:
     """Functional IO-Adam step (see the module docstring) on lists of weights and their state.
 
@@ -506,12 +506,12 @@ def io_adam(
     ``grads[i]`` (if any, e.g. from a tied embedding) is only added. ``grads[i]`` may be None.
     ``transposed[i]``: weight ``i`` is stored (n_in, n_out) (HF ``Conv1D``), and so are its ``M``
     and ``D``; R and C are the same (n_out x b, n_in x b) in either layout.
-    ``fused_step=True``: :func:`_io_adam_fast` (same maths, one pass, ``D`` never stored) for all
+    ``fused=True``: :func:`_io_adam_fast` (same maths, one pass, ``D`` never stored) for all
     but the empty weights (the caller keeps FSDP2 shards on the loop).
     """
     transposed = transposed or [False] * len(params)
     indices = range(len(params))
-    if fused_step:
+    if fused:
         fast = [i for i in indices if params[i].numel() > 0]
         _io_adam_fast(
             *([x[i] for i in fast] for x in (params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums,
@@ -542,7 +542,7 @@ def io_adam(
         c.mul_(beta2)
 
 
-# --------------------------------------------------------------------------- the fast path (fused_step=True)
+# --------------------------------------------------------------------------- the fast path (fused=True)
 
 
 def _io_adam_kernel(

@@ -76,7 +76,7 @@ class OptimizerStrategy:
     def check(self, trainer: Any) -> None:
         """Raise :class:`StrategyError` for a Trainer configuration this optimizer cannot run under."""
         caps = self.capabilities
-        check_trainer(trainer, caps, self.name, single_process=caps.needs_model and bool(self.hparams.get("fused")))
+        check_trainer(trainer, caps, self.name, single_process=caps.needs_model and bool(self.hparams.get("fused_linear")))
 
     # --- precision and clipping ------------------------------------------------------------------
     def precision_plugin(self, precision: str, device: str) -> Any | None:

@@ -79,8 +79,8 @@ def check_trainer(trainer: Any, caps: Capabilities, name: str, single_process: b
         )
     if single_process and trainer.world_size > 1:
         raise StrategyError(
-            f"{name}(fused=True) is single-process only (the fused weights have no .grad for DDP to "
-            f"average); world size is {trainer.world_size}. Set fused: false."
+            f"{name}(fused_linear=True) is single-process only (the fused weights have no .grad for DDP to "
+            f"average); world size is {trainer.world_size}. Set fused_linear: false."
         )
     clip_val = getattr(trainer, "gradient_clip_val", None)
     if clip_val is not None and not (math.isfinite(clip_val) and clip_val >= 0):
