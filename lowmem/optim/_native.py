@@ -1,7 +1,7 @@
 """Hand-written CPU kernels (``_native_kernels.c``), compiled on first use and called via ctypes.
 
 The fast path of HMAdam(W), AdamS, SlimAdamW, Adam-mini, AdaPM and IO-Adam for float32 contiguous CPU tensors
-(other dtypes, layouts and devices take their ``torch.compile``'d kernels or for-loops). Two
+(other dtypes, layouts and devices take the other tiers of :mod:`lowmem.optim._dispatch`). Two
 reasons, both measured at 50M parameters against ``torch.optim.AdamW(fused=True)`` on a 2-core
 CPU, in scripts that interleave the two steps round by round:
 
@@ -45,8 +45,8 @@ create first, so the cache is trusted only as far as it is private:
   POSIX owners, and the emulated mode bits mark everything writable as writable by all.
 
 If there is no compiler lowmem can use, it accepts no flag set, or a fresh build will not load
-either, :func:`library` warns once and returns ``None`` (it never raises); callers then use their
-compiled (Inductor) or for-loop path. :func:`available` says which, for other modules.
+either, :func:`library` warns once and returns ``None`` (it never raises); callers then use the
+other tiers of :mod:`lowmem.optim._dispatch` (compiled, foreach). :func:`available` says which, for other modules.
 """
 
 from __future__ import annotations

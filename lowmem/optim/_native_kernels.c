@@ -13,7 +13,7 @@
  *     v = b2 v + (1 - b2) mean(g^2)              (over C for rows, over R for cols)
  *     W = W * decay - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
  *
- * the same maths as slimadam._adam_update (the for-loop reference and the Inductor kernel).
+ * the same maths as lowmem.optim._adamw.adam_update (the compiled and foreach kernels).
  * Row sums of g^2 accumulate in double (column sums: see below). Memory traffic per element:
  *
  *   rows: one pass, each row reduced while it sits in L1 and then updated: reads W, g, m and
@@ -199,7 +199,8 @@ int lowmem_adams_f32(int n, const int64_t *numel, float **w, float **g, float **
     return 0;
 }
 
-/* AdamW (SlimAdamW's uncompressed tensors), lowmem.optim.slimadam._adamw_kernel: w, g, m and v. */
+/* AdamW (lowmem.optim._adamw.adamw_kernel: SlimAdamW's uncompressed tensors, Adam-mini's element
+ * blocks, IO-Adam's other parameters): w, g, m and v. */
 #define ADAMW_BODY(i, lo, hi)                                                                           \
     do {                                                                                                \
         float *restrict wi = w[i], *restrict mi = m[i], *restrict vi = v[i];                           \
