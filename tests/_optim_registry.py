@@ -34,7 +34,8 @@ How to add an optimizer
      tolerance instead of bit for bit.
    - ``backends``: the fast-path tiers (``lowmem.optim._dispatch``) the spec's steps may use,
      e.g. ``()`` for the foreach tier alone (what a device without ``torch.compile`` gets);
-     ``None``: all of them.
+     ``None``: all of them. ``slow=True`` marks every check of the spec ``slow`` (the
+     ``-compiled`` specs: each kernel compiles once per dtype combination, 10-30 s each).
    - ``invalid_kwargs``: optimizer-specific bad hyperparameters, one ``{name: value}`` each: the
      constructor must raise ``ValueError`` whose message contains the name and ``repr(value)``.
      The standard ones (negative lr/eps/weight_decay, betas outside [0, 1)) are checked for every
@@ -82,6 +83,7 @@ class OptimSpec:
     invalid_kwargs: tuple[Mapping[str, Any], ...] = ()
     layout_exact: bool = True
     backends: tuple[str, ...] | None = None
+    slow: bool = False
 
     def groups(self, model: nn.Module) -> list[dict]:
         """The param groups this optimizer is given for ``model`` (fresh dicts every call)."""
@@ -172,11 +174,13 @@ SPECS: list[OptimSpec] = [
                       param_groups=adapm_param_groups),  # fmt: skip
         )
     ],
-    # The foreach tier alone (no native kernels, no torch.compile), for the optimizers whose fast
-    # path has element-wise kernels.
+    # The foreach tier alone (no native kernels, no torch.compile) and the compiled tier (no native
+    # kernels), for the optimizers whose fast path has element-wise kernels.
     *[
-        OptimSpec(f"{spec.name}-foreach", spec.cls, kwargs={**spec.kwargs, "fused": True},
-                  param_groups=spec.param_groups, layout_exact=False, backends=())  # fmt: skip
+        OptimSpec(f"{spec.name}-{tier or 'foreach'}", spec.cls, kwargs={**spec.kwargs, "fused": True},
+                  param_groups=spec.param_groups, layout_exact=False, backends=(tier,) if tier else (),
+                  slow=bool(tier))  # fmt: skip
+        for tier in (None, "compiled")
         for spec in (
             OptimSpec("HMAdamW", HMAdamW),
             OptimSpec("HMAdam", HMAdam),
@@ -207,7 +211,10 @@ SPECS: list[OptimSpec] = [
         invalid_kwargs=({"buffer_size": 0}, {"p": 1.0}, {"buffer_mode": "bogus"}, {"fused": "yes"}),
         layout_exact=False,
     ),
-    # Its foreach tier: D from one GEMM, the update as foreach ops.
-    OptimSpec("IOAdam-foreach", IOAdam, kwargs={"buffer_size": 3, "fused": True}, needs_model=True,
-              deepcopy_can_step=False, layout_exact=False, backends=()),  # fmt: skip
+    # Its foreach and compiled tiers: D from one GEMM, the update as foreach ops or compiled.
+    *[
+        OptimSpec(f"IOAdam-{tier or 'foreach'}", IOAdam, kwargs={"buffer_size": 3, "fused": True}, needs_model=True,
+                  deepcopy_can_step=False, layout_exact=False, backends=(tier,) if tier else (), slow=bool(tier))
+        for tier in (None, "compiled")
+    ],  # fmt: skip
 ]

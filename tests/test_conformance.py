@@ -28,9 +28,19 @@ from torch.optim import lr_scheduler as lrs
 
 from lowmem.optim import state_bytes
 
-ALL = [pytest.param(s, id=s.name) for s in SPECS]
+
+def marks(spec: OptimSpec) -> tuple:
+    """``slow`` for the specs that declare it (see the registry)."""
+    return (pytest.mark.slow,) if spec.slow else ()
+
+
+def param(spec: OptimSpec):  # noqa: ANN201 - a pytest ParameterSet
+    return pytest.param(spec, id=spec.name, marks=marks(spec))
+
+
+ALL = [param(s) for s in SPECS]
 # Checks that hand-build param groups; an optimizer built from the model cannot take them.
-GROUPED = [pytest.param(s, id=s.name) for s in SPECS if not s.needs_model]
+GROUPED = [param(s) for s in SPECS if not s.needs_model]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -251,10 +261,11 @@ BAD_HPARAMS = [
 def _bad_hparam_cases():
     for spec in SPECS:
         for key, value, shown, names in BAD_HPARAMS:
-            yield pytest.param(spec, {key: value}, shown, names, id=f"{spec.name}-{key}={value}")
+            yield pytest.param(spec, {key: value}, shown, names, id=f"{spec.name}-{key}={value}", marks=marks(spec))
         for kwargs in spec.invalid_kwargs:  # optimizer-specific ones, declared in the registry
             ((key, value),) = kwargs.items()
-            yield pytest.param(spec, {key: value}, repr(value), (key,), id=f"{spec.name}-{key}={value}")
+            yield pytest.param(spec, {key: value}, repr(value), (key,), id=f"{spec.name}-{key}={value}",
+                               marks=marks(spec))  # fmt: skip
 
 
 @pytest.mark.parametrize(("spec", "kwargs", "shown", "names"), list(_bad_hparam_cases()))
@@ -733,8 +744,8 @@ def test_state_bytes_counts_params_grads_and_state(spec: OptimSpec) -> None:
     assert out["persistent"] == out["state"] + out["grad_buffers"]
 
 
-FUSED = [pytest.param(s, id=s.name) for s in SPECS if s.kwargs.get("fused") is True and s.backends is None]
-FOREACH = [pytest.param(s, id=s.name) for s in SPECS if s.backends == ()]
+FUSED = [param(s) for s in SPECS if s.kwargs.get("fused") is True and s.backends is None]
+FOREACH = [param(s) for s in SPECS if s.backends == ()]
 
 
 @pytest.mark.parametrize("spec", FUSED)
@@ -756,4 +767,24 @@ def test_foreach_specs_run_the_foreach_tier(spec: OptimSpec, monkeypatch) -> Non
     monkeypatch.setattr(_fast, "run_foreach", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
     model = make()
     train(model, spec.build(model), batches(2))
+    assert len(calls) >= 2
+
+
+COMPILED = [param(s) for s in SPECS if s.backends == ("compiled",)]
+
+
+@pytest.mark.parametrize("spec", COMPILED)
+def test_compiled_specs_run_the_compiled_kernels(spec: OptimSpec, monkeypatch) -> None:
+    """The ``-compiled`` specs exercise ``torch.compile``'d kernels: a compile failure (which would
+    fall back to the foreach tier with a warning) fails here."""
+    import warnings
+
+    from lowmem.optim._fast import FusedForeach
+
+    calls, real = [], FusedForeach._run_compiled
+    monkeypatch.setattr(FusedForeach, "_run_compiled", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    model = make()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lowmem fast path", category=RuntimeWarning)
+        train(model, spec.build(model), batches(2))
     assert len(calls) >= 2
