@@ -157,7 +157,7 @@ def machine_facts(bandwidth: dict[str, float] | None = None) -> str:
     facts = [
         f"measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"torch {torch.__version__}",
-        f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}",
         f"CPU: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical cores)",
         f"Python {platform.python_version()}",
         f"load average (1/5/15 min) at the end: {load_average()}",

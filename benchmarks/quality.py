@@ -75,7 +75,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
 DEFAULT_STEPS = {"cnn": 152, "lm": 300, "diffusion": 190}  # the configs' own lengths (8, -, 10 epochs)
 _FAMILY_OVERRIDES = {
     # the noise generator and the training order (the fit-start check wants model and data seeds equal)
-    "diffusion": lambda seed: ["--model.init_args.sample_every_n_epochs=0", f"--model.init_args.seed={seed}",
+    "diffusion": lambda seed: ["--model.init_args.sample_every_n_epochs=0", f"--model.init_args.noise_seed={seed}",
                                f"--data.init_args.seed={seed}"],
 }
 # Overrides of a variant that depend on the family: the SNR rules file measured on its AdamW config,

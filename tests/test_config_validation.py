@@ -76,9 +76,9 @@ BAD = [
     (DiffusionModel, {"beta_end": 1.0}, "model.init_args.beta_end=1.0"),
     (DiffusionModel, {"beta_end": INF}, "model.init_args.beta_end=inf"),
     (DiffusionModel, {"beta_start": 0.05, "beta_end": 0.02}, "model.init_args.beta_start=0.05"),
-    (DiffusionModel, {"seed": 1.5}, "model.init_args.seed=1.5"),
-    (DiffusionModel, {"seed": False}, "model.init_args.seed=false"),
-    (DiffusionModel, {"seed": 2**70}, f"model.init_args.seed={2**70}"),
+    (DiffusionModel, {"noise_seed": 1.5}, "model.init_args.noise_seed=1.5"),
+    (DiffusionModel, {"noise_seed": False}, "model.init_args.noise_seed=false"),
+    (DiffusionModel, {"noise_seed": 2**70}, f"model.init_args.noise_seed={2**70}"),
     (DiffusionModel, {"sample_every_n_epochs": -1}, "model.init_args.sample_every_n_epochs=-1"),
     (DiffusionModel, {"n_samples": 0}, "model.init_args.n_samples=0"),
     (UNet, {"channels": (12,)}, "UNet.channels=[12]"),
@@ -153,7 +153,7 @@ GOOD = [
     (ImageClassifier, {"widths": [4], "num_classes": 2}),  # below 8 channels GroupNorm uses one group per channel
     (ImageClassifier, {"lr_scheduler": _linear(start_factor=1.0, end_factor=0.0, total_iters=1)}),
     (ImageClassifier, {"lr_scheduler": functools.partial(sched.OneCycleLR, max_lr=[0.1], total_steps=10)}),
-    (DiffusionModel, {"channels": [4, 8], "time_dim": 8, "timesteps": 1, "sample_every_n_epochs": 0, "seed": -3}),
+    (DiffusionModel, {"channels": [4, 8], "time_dim": 8, "timesteps": 1, "sample_every_n_epochs": 0, "noise_seed": -3}),
     (DiffusionModel, {"channels": [8], "image_size": 5}),  # one level: any size
     (LanguageModel, {"n_layer": 1, "n_head": 3, "n_embd": 12, "dropout": 0.0, "block_size": 1}),
     (DigitsDataModule, {"test_fraction": 0.0, "val_fraction": 0.999}),
@@ -286,3 +286,10 @@ def test_a_constructor_error_line_starts_with_the_key(in_tmp, capsys):
         main(["fit", "--config", _config("lm"), "--model.init_args.n_head=3", "--trainer.max_steps=1"])
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lowmem: error:")]
     assert error_lines == [error_lines[0]] and error_lines[0].startswith("lowmem: error: model.init_args.n_head=3:")
+
+
+def test_the_diffusion_noise_seed_and_the_data_seed_are_set_independently():
+    """The model's noise stream and the data module's training order are different seeds: setting
+    one alone is no hyperparameter clash for Lightning's merge of the two modules' hparams."""
+    model, data = DiffusionModel(channels=[4, 8], time_dim=8, noise_seed=5), DigitsDataModule(seed=0)
+    assert not set(model.hparams) & set(data.hparams)

@@ -5,7 +5,7 @@ beta_1..beta_T and abar_t = prod_{s<=t} (1 - beta_s). Loss: mean squared error o
 eps (per pixel). Sampling: ancestral DDPM with sigma_t^2 = beta_t.
 
 Randomness: training draws timesteps and noise from the module's own generator (seeded by
-``seed`` + rank, saved in checkpoints for every rank), validation from a fixed generator per
+``noise_seed`` + rank, saved in checkpoints for every rank), validation from a fixed generator per
 batch, so in-fit validation never perturbs training and a resumed run draws the same noise.
 """
 
@@ -56,7 +56,8 @@ class DiffusionModel(LowMemModule):
         time_dim: width of the timestep embedding.
         timesteps: T, the number of diffusion steps.
         beta_start, beta_end: the linear beta schedule's ends.
-        seed: seed of the training noise generator (rank is added under DDP).
+        noise_seed: seed of the training noise generator (rank is added under DDP; named apart from
+            the data module's ``seed``, the training order, so each can be set alone).
         sample_every_n_epochs: write a grid of ``n_samples`` samples to TensorBoard every n
             validation epochs (0 disables).
         n_samples: samples in that grid.
@@ -78,7 +79,7 @@ class DiffusionModel(LowMemModule):
         timesteps: int = 200,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
-        seed: int = 0,
+        noise_seed: int = 0,
         sample_every_n_epochs: int = 1,
         n_samples: int = 16,
         denoiser: torch.nn.Module | None = None,
@@ -106,7 +107,7 @@ class DiffusionModel(LowMemModule):
         if beta_start >= beta_end:
             raise config_error(MODEL + "beta_start", beta_start, f"must be smaller than {MODEL}beta_end={beta_end} "
                                "(the noise grows along the schedule)", beta_fix)  # fmt: skip
-        check_seed(MODEL + "seed", seed)
+        check_seed(MODEL + "noise_seed", noise_seed)
         check_nonnegative_int(MODEL + "sample_every_n_epochs", sample_every_n_epochs,
                               fix="set how many validation epochs apart to draw samples (0: never), e.g. 1")  # fmt: skip
         check_positive_int(MODEL + "n_samples", n_samples, fix="set the samples per grid, e.g. 16")
@@ -140,7 +141,7 @@ class DiffusionModel(LowMemModule):
     def _generator(self) -> torch.Generator:
         if self._train_rng is None or self._train_rng.device != self.device:
             rank = self.trainer.global_rank if self._trainer is not None else 0
-            self._train_rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed + rank)
+            self._train_rng = torch.Generator(device=self.device).manual_seed(self.hparams.noise_seed + rank)
             if self._pending_rng_state is not None:
                 self._train_rng.set_state(self._pending_rng_state)
                 self._pending_rng_state = None
