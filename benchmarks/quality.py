@@ -10,10 +10,11 @@ mean ± std against AdamW, and a loss-curve figure per family.
 Each run is ``configs/<family>_<optimizer>.yaml`` through ``LowMemCLI`` with
 ``--trainer.max_steps=N --trainer.max_epochs=-1 --seed_everything=S`` (diffusion also seeds its
 noise generator and its training order with S), then ``trainer.validate`` on the validation set for the final loss.
-Variants beyond the configs: HMAdamW's variance corrections ``stationary``, ``none`` and ``hook``
-(the config uses ``noise``), AdamS with beta2 0.999 (the config uses 0.95), and SlimAdamW with the
-rules ``lowmem snr`` measured on the family's AdamW config (``configs/rules/<family>_snr.json``,
-docs/snr.md) beside SlimAdamW's role-table default.
+Variants beyond the configs: HMAdamW's variance corrections ``noise``, ``stationary``, ``none`` and
+``hook`` (the config uses the default ``auto``, i.e. ``hook`` in these one-process runs), AdamS with
+beta2 0.999 (the config uses 0.95), and SlimAdamW with the rules ``lowmem snr`` measured on the
+family's AdamW config (``configs/rules/<family>_snr.json``, docs/snr.md) beside SlimAdamW's
+role-table default.
 
 A variant *matches AdamW* when its mean final validation loss is at most AdamW's mean plus the
 tolerance ``max(2 * s_AdamW, 1% of AdamW's mean)``: within twice the standard deviation of
@@ -33,7 +34,7 @@ at AdamW's best lr, the grid itself, and per family an lr-sensitivity figure (fi
 loss against lr, one curve per optimizer) and the loss curves at the best lrs. ``--results FILE``
 keeps every finished run as one JSON line and skips runs already in it (resume a long grid)::
 
-    python -m benchmarks.quality --grid --families lm --variants hmadamw hmadamw-hook --seeds 0 1 2 3 4
+    python -m benchmarks.quality --grid --families lm --variants hmadamw-noise hmadamw-hook --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ _OPT = "--model.init_args.optimizer.init_args"
 # key -> (label, config optimizer, extra overrides)
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "adamw": ("AdamW", "adamw", []),
-    "hmadamw": ("HMAdamW (noise)", "hmadamw", []),
+    "hmadamw": ("HMAdamW (auto)", "hmadamw", []),  # the config's variance_correction: auto, the default
+    "hmadamw-noise": ("HMAdamW (noise)", "hmadamw", [f"{_OPT}.variance_correction=noise"]),
     "hmadamw-stationary": ("HMAdamW (stationary)", "hmadamw", [f"{_OPT}.variance_correction=stationary"]),
     "hmadamw-none": ("HMAdamW (none)", "hmadamw", [f"{_OPT}.variance_correction=none"]),
     "hmadamw-hook": ("HMAdamW (hook)", "hmadamw", [f"{_OPT}.variance_correction=hook"]),

@@ -125,9 +125,15 @@ _ADAPM_INVALID = (
 SPECS: list[OptimSpec] = [
     # The control: torch's own AdamW, single-tensor path.
     OptimSpec("torch.AdamW", torch.optim.AdamW, kwargs={"fused": False, "foreach": False}, bf16_state_dtype=None),
-    # Momentum folded into .grad: every check drives them with zero_grad() as the decay.
-    OptimSpec("HMAdamW", HMAdamW, kwargs={"fused": False}, invalid_kwargs=_HMADAM_INVALID),
-    OptimSpec("HMAdam", HMAdam, kwargs={"fused": False}, invalid_kwargs=_HMADAM_INVALID),
+    # Momentum folded into .grad: every check drives them with zero_grad() as the decay. v from
+    # c m^2 (variance_correction noise, named: the default "auto" is "hook" in these one-process
+    # checks, HMAdamW-auto below).
+    OptimSpec("HMAdamW", HMAdamW, kwargs={"fused": False, "variance_correction": "noise"},
+              invalid_kwargs=_HMADAM_INVALID),  # fmt: skip
+    OptimSpec("HMAdam", HMAdam, kwargs={"fused": False, "variance_correction": "noise"},
+              invalid_kwargs=_HMADAM_INVALID),  # fmt: skip
+    # The default, variance_correction="auto": resolved to "hook" in one process.
+    OptimSpec("HMAdamW-auto", HMAdamW, kwargs={"fused": False}, invalid_kwargs=_HMADAM_INVALID),
     # v from the incoming gradients through per-parameter hooks (AdamW's / Adam-with-L2's v).
     OptimSpec("HMAdamW-hook", HMAdamW, kwargs={"fused": False, "variance_correction": "hook"},
               invalid_kwargs=_HMADAM_INVALID),  # fmt: skip
@@ -158,8 +164,8 @@ SPECS: list[OptimSpec] = [
         OptimSpec(f"{spec.name}-fused", spec.cls, kwargs={**spec.kwargs, "fused": True}, param_groups=spec.param_groups,
                   invalid_kwargs=spec.invalid_kwargs, layout_exact=False)  # fmt: skip
         for spec in (
-            OptimSpec("HMAdamW", HMAdamW, invalid_kwargs=_HMADAM_INVALID),
-            OptimSpec("HMAdam", HMAdam, invalid_kwargs=_HMADAM_INVALID),
+            OptimSpec("HMAdamW", HMAdamW, kwargs={"variance_correction": "noise"}, invalid_kwargs=_HMADAM_INVALID),
+            OptimSpec("HMAdam", HMAdam, kwargs={"variance_correction": "noise"}, invalid_kwargs=_HMADAM_INVALID),
             OptimSpec("HMAdamW-hook", HMAdamW, kwargs={"variance_correction": "hook"}, invalid_kwargs=_HMADAM_INVALID),
             OptimSpec("AdamS", AdamS),
             OptimSpec("SlimAdamW", SlimAdamW),
@@ -182,8 +188,8 @@ SPECS: list[OptimSpec] = [
                   slow=bool(tier))  # fmt: skip
         for tier in (None, "compiled")
         for spec in (
-            OptimSpec("HMAdamW", HMAdamW),
-            OptimSpec("HMAdam", HMAdam),
+            OptimSpec("HMAdamW", HMAdamW, kwargs={"variance_correction": "noise"}),
+            OptimSpec("HMAdam", HMAdam, kwargs={"variance_correction": "noise"}),
             OptimSpec("AdamS", AdamS),
             OptimSpec("SlimAdamW-roles", SlimAdamW, param_groups=slimadam_param_groups),
             OptimSpec("AdaPM-roles", AdaPM, kwargs={"refresh_every": 3}, param_groups=adapm_param_groups),

@@ -56,9 +56,9 @@ def test_speed_benchmark_runs(tmp_path):
 
 
 def test_quality_benchmark_runs(tmp_path):
-    quality.main(["--quick", "--families", "cnn", "--variants", "hmadamw", "--out", str(tmp_path)])
+    quality.main(["--quick", "--families", "cnn", "--variants", "hmadamw", "hmadamw-noise", "--out", str(tmp_path)])
     section = _section((tmp_path / "benchmarks.md").read_text(), "quality")
-    assert "| AdamW |" in section and "| HMAdamW (noise) |" in section
+    assert "| AdamW |" in section and "| HMAdamW (auto) |" in section and "| HMAdamW (noise) |" in section
     figure = tmp_path / "figures" / "quality_cnn.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](figures/quality_cnn.png)" in section

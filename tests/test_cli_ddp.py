@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 KILL_AFTER_S = 150  # ~10 s on an idle 2-core machine
 BATCH, STEPS = 8, 6
 
-# Hyperparameters that exercise each optimizer's interesting paths within STEPS steps.
+# Hyperparameters that exercise each optimizer's interesting paths within STEPS steps. HMAdam(W)'s
+# variance_correction is named: the default "auto" is "hook" in the one-process reference and "noise"
+# on two ranks, which end apart by design (the auto tests below run the default).
 OPTIMIZERS: dict[str, dict] = {
     "AdamW": {"lr": 3e-3},
-    "HMAdamW": {"lr": 3e-3},
-    "HMAdam": {"lr": 3e-3, "weight_decay": 1e-2},
+    "HMAdamW": {"lr": 3e-3, "variance_correction": "noise"},
+    "HMAdam": {"lr": 3e-3, "weight_decay": 1e-2, "variance_correction": "noise"},
     "AdamS": {"lr": 3e-3},
     "SlimAdamW": {"lr": 3e-3},
     "AdaPM": {"lr": 3e-3, "refresh_every": 4},
@@ -294,3 +296,104 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one_process_at_the_global_batc
     one = _consolidated(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "step=6.ckpt", tmp_path / "one.pt")
     diff = max(float((two[k] - one["state_dict"][k]).abs().max()) for k in two)
     assert diff < 1e-6, diff
+
+
+# ------------------------------------------- HMAdamW's default variance_correction="auto" per loop
+AUTO_NOTE = "lowmem: HMAdamW: variance_correction=auto resolved to {}"
+
+
+def _hmadamw_config(path: Path, correction: str | None = None, checkpointed: bool = False) -> Path:
+    """The HMAdamW config with the default variance_correction (``auto``) or ``correction``."""
+    config = yaml.safe_load((_checkpointed_config if checkpointed else write_config)(path, "HMAdamW").read_text())
+    init_args = config["model"]["init_args"]["optimizer"]["init_args"]
+    init_args.pop("variance_correction")
+    if correction is not None:
+        init_args["variance_correction"] = correction
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizer_states"][0]
+
+
+def _is_hook_state(state: dict) -> bool:
+    """Whether a saved HMAdamW state was stepped with hooks (they save their micro-batch count)."""
+    entries = list(state["state"].values())
+    assert entries
+    return all("variance_micro_batches" in entry for entry in entries)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_auto_variance_correction_is_noise_on_two_ranks_where_hook_is_refused(launch, tmp_path):
+    """``lowmem fit`` on 2 ranks with HMAdamW's default: it trains, says once (rank 0) that auto is
+    noise there, and saves the requested "auto" with noise's state; the same run with an explicit
+    "hook" ends at fit start with the one-line refusal."""
+    (tmp_path / "auto").mkdir()
+    proc = run_two_ranks(_hmadamw_config(tmp_path / "auto.yaml"), tmp_path / "auto", launch)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
+    assert proc.stderr.count(AUTO_NOTE.format("noise (world size 2)")) == 1, proc.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "auto" / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    state = _optimizer_state(checkpoint)
+    assert [g["variance_correction"] for g in state["param_groups"]] == ["auto"] * len(state["param_groups"])
+    assert not any("variance_mode" in g for g in state["param_groups"]) and not _is_hook_state(state)
+    if launch == "ddp":
+        (tmp_path / "hook").mkdir()
+        hook = run_two_ranks(_hmadamw_config(tmp_path / "hook.yaml", "hook"), tmp_path / "hook", launch)
+        assert hook.returncode == 2, hook.stderr[-3000:]
+        errors = [line for line in hook.stderr.splitlines() if line.startswith("lowmem: error:")]
+        assert errors and all("variance_correction='hook'" in e and "world size 2" in e for e in errors), errors
+        assert "Traceback" not in hook.stderr
+
+
+@pytest.mark.distributed
+def test_a_one_process_auto_checkpoint_resumes_on_two_ranks_as_noise(tmp_path, monkeypatch):
+    """The step-3 checkpoint of a one-process run (auto resolved to hook: hook's state saved, with the
+    requested "auto") resumes under DDP on 2 ranks without a refusal, as noise, to step 6."""
+    config = _hmadamw_config(tmp_path / "config.yaml", checkpointed=True)
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    one = LowMemCLI(args=["fit", "--config", str(config), f"--data.init_args.batch_size={2 * BATCH}"])
+    assert one.trainer.optimizers[0].variance_mode == "hook"
+    saved = Path(one.trainer.log_dir) / "checkpoints" / "step=3.ckpt"
+    state = _optimizer_state(saved)
+    assert _is_hook_state(state) and {g["variance_correction"] for g in state["param_groups"]} == {"auto"}
+    proc = run_two_ranks(config, tmp_path / "two", "ddp", "--ckpt_path", str(saved))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-6000:]}"
+    assert proc.stderr.count(AUTO_NOTE.format("noise (world size 2)")) == 1, proc.stderr[-3000:]
+    final = _optimizer_state(tmp_path / "two" / "lightning_logs" / "version_0" / "checkpoints" / f"step={STEPS}.ckpt")
+    assert {g["variance_correction"] for g in final["param_groups"]} == {"auto"} and not _is_hook_state(final)
+    assert all(float(entry["step"]) == STEPS for entry in final["state"].values())
+
+
+def test_auto_variance_correction_is_noise_under_fp16_and_hook_in_fp32_through_the_cli(tmp_path, monkeypatch, capsys):
+    """``lowmem fit`` in one process on CPU: with ``precision=16-mixed`` (the CLI swaps in
+    FoldedMomentumPrecision, whose GradScaler the fit-start check reports) auto is noise, no hooks,
+    and the fit trains; at 32-true it is hook; an explicit hook under fp16 is refused in one line."""
+    from lowmem.cli import main
+    from lowmem.strategies import FoldedMomentumPrecision
+
+    config = _hmadamw_config(tmp_path / "config.yaml")
+    quiet = ["--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+             "--trainer.limit_val_batches=1"]  # fmt: skip
+    seen = {}
+    for precision in ("16-mixed", "32-true"):
+        (tmp_path / precision).mkdir()
+        monkeypatch.chdir(tmp_path / precision)
+        cli = LowMemCLI(args=["fit", "--config", str(config), f"--trainer.precision={precision}", *quiet])
+        opt = cli.trainer.optimizers[0]
+        hooked = any(p._backward_hooks for p in cli.model.parameters())
+        seen[precision] = (opt.variance_mode, opt.loop_note(), hooked, cli.trainer.global_step)
+        assert isinstance(cli.trainer.precision_plugin, FoldedMomentumPrecision) == (precision == "16-mixed")
+    assert seen["16-mixed"] == ("noise", "HMAdamW: variance_correction=auto resolved to noise (fp16 loss scaling)",
+                                False, 3), seen  # fmt: skip
+    assert seen["32-true"][0] == "hook" and seen["32-true"][2], seen
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(_hmadamw_config(tmp_path / "hook.yaml", "hook")), "--trainer.precision=16-mixed",
+              *quiet])  # fmt: skip
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("lowmem: error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1, err
+    assert "variance_correction='hook'" in errors[0] and "an fp16 GradScaler" in errors[0], errors

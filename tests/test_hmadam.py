@@ -304,8 +304,9 @@ def _resume_run(tmp_path, dtype, opt_kwargs):
     return opt_c
 
 
-def test_resume_bit_for_bit(tmp_path):
-    _resume_run(tmp_path, torch.float32, {"fused": False})
+@pytest.mark.parametrize("correction", ["auto", "noise"])
+def test_resume_bit_for_bit(tmp_path, correction):
+    _resume_run(tmp_path, torch.float32, {"fused": False, "variance_correction": correction})
 
 
 def test_resume_bf16_keeps_fp32_state(tmp_path):
@@ -347,7 +348,7 @@ def test_deepcopy_repr_and_memory():
     for p, c in zip(params, clone_params):
         assert torch.equal(p, c) and torch.equal(p.grad, c.grad)
         assert torch.equal(opt.state[p]["exp_avg_sq"], clone.state[c]["exp_avg_sq"])
-    assert "HMAdamW" in repr(opt) and "variance_correction: noise" in repr(opt)
+    assert "HMAdamW" in repr(opt) and "variance_correction: auto" in repr(opt) and "variance_mode: hook" in repr(opt)
     mem = state_bytes(opt)
     n = sum(p.numel() for p in params)
     assert mem["state"] == 4 * n + 4 * len(params)  # v (fp32) + 0-d fp32 step counters
@@ -377,7 +378,8 @@ def test_max_momentum_norm_clips_the_history(opt_cls):
     ref = Reference(params, betas=betas, eps=1e-8, wd=wd, decoupled=opt_cls is HMAdamW, correction="noise",
                     max_norm=max_norm)  # fmt: skip
     clipped = 0
-    opt = opt_cls(params, lr=1e-2, betas=betas, weight_decay=wd, max_momentum_norm=max_norm, fused=False)
+    opt = opt_cls(params, lr=1e-2, betas=betas, weight_decay=wd, max_momentum_norm=max_norm, fused=False,
+                  variance_correction="noise")  # fmt: skip
     for t in range(steps):
         opt.zero_grad()
         ref.zero_grad()
@@ -403,7 +405,7 @@ def test_bf16_params(state_in_param_dtype):
     grads = [micro_grads(p.shape, steps, 1, seed=20 + i, dtype=torch.bfloat16) for i, p in enumerate(params)]
     ref = Reference(params, betas=(0.9, 0.999), eps=1e-8, wd=0.01, decoupled=True, correction="noise")
     opt = run(HMAdamW, params, grads, 1, [1e-2] * steps, ref, state_in_param_dtype=state_in_param_dtype,
-              fused=False)  # fmt: skip
+              fused=False, variance_correction="noise")  # fmt: skip
     for i, p in enumerate(params):
         state = opt.state[p]
         assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
@@ -446,6 +448,7 @@ def test_defaults_and_capabilities():
     p = [nn.Parameter(torch.randn(2))]
     assert HMAdamW(p).defaults["weight_decay"] == 1e-2 and HMAdam(p).defaults["weight_decay"] == 0.0
     assert HMAdamW(p).defaults["betas"] == (0.9, 0.999) and HMAdamW(p).defaults["lr"] == 1e-3
+    assert HMAdamW(p).defaults["variance_correction"] == HMAdam(p).defaults["variance_correction"] == "auto"
     caps = HMAdamW.capabilities
     assert caps.folds_momentum_into_grad and not caps.supports_grad_scaler and caps.supports_dtensor
 
@@ -460,8 +463,8 @@ def test_dtensor_params_step_like_plain_tensors(one_rank_mesh, fused, request):
     init = [torch.randn(6, 4), torch.randn(5)]
     plain = [nn.Parameter(x.clone()) for x in init]
     sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
-    opt_plain = HMAdamW(plain, lr=0.1, max_momentum_norm=0.5, fused=False)
-    opt_sharded = HMAdamW(sharded, lr=0.1, max_momentum_norm=0.5, fused=bool(fused))
+    opt_plain = HMAdamW(plain, lr=0.1, max_momentum_norm=0.5, variance_correction="noise", fused=False)
+    opt_sharded = HMAdamW(sharded, lr=0.1, max_momentum_norm=0.5, variance_correction="noise", fused=bool(fused))
     for _ in range(3):
         grads = [torch.randn_like(x) for x in init]
         for opt, params, wrap in ((opt_plain, plain, False), (opt_sharded, sharded, True)):
@@ -524,7 +527,7 @@ def test_hook_is_torch_adamw_step_by_step(opt_cls, torch_cls, dtype, fused, requ
     control, _ = _tied_pair(dtype)
     opt = opt_cls(_groups(ours), variance_correction="hook", fused=fused, **hp)
     ref = torch_cls(_groups(theirs), foreach=False, **hp)
-    noise = opt_cls(_groups(control), fused=False, **hp)
+    noise = opt_cls(_groups(control), variance_correction="noise", fused=False, **hp)
     scheds = [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=20) for o in (opt, ref, noise)]
     gen = torch.Generator().manual_seed(1)
     worst = worst_v = 0.0
@@ -632,7 +635,7 @@ def test_hook_v_sees_only_what_enters_grad_and_hooks_leave_with_the_optimizer():
     del opt
     gc.collect()
     assert not p._backward_hooks and not p._post_accumulate_grad_hooks
-    HMAdamW([p], fused=False)  # the other corrections register nothing
+    HMAdamW([p], variance_correction="noise", fused=False)  # the other corrections register nothing
     assert not p._backward_hooks
 
 
@@ -655,7 +658,7 @@ def test_hook_refuses_what_its_hooks_cannot_see(monkeypatch):
     assert torch.equal(p.detach(), before)  # refused before any tensor moved
     monkeypatch.undo()
     q = nn.Parameter(torch.randn(2))
-    switched = HMAdamW([q], fused=False)
+    switched = HMAdamW([q], variance_correction="noise", fused=False)
     switched.param_groups[0]["variance_correction"] = "hook"
     q.sum().backward()
     with pytest.raises(RuntimeError, match="switched to variance_correction='hook' after"):
@@ -713,3 +716,245 @@ def test_hook_checkpoint_mid_accumulation_resumes_bit_for_bit(tmp_path):
 
 def test_resume_bit_for_bit_hook_with_accumulation(tmp_path):
     _resume_run(tmp_path, torch.float32, {"fused": False, "variance_correction": "hook"})
+
+
+# ------------------------------------------ 10. variance_correction="auto" (the default): hook or noise
+AUTO_EXACT = {(torch.float64, False): 1e-12, (torch.float32, True): 2e-6}  # as HOOK_EXACT
+
+
+@pytest.mark.parametrize("dtype,fused", list(AUTO_EXACT), ids=["fp64-loop", "fp32-native"])
+def test_auto_in_one_process_is_hook_bit_for_bit_and_adamw_step_by_step(dtype, fused, caplog):
+    """One process, plain tensors, no loss scaling: the default resolves to "hook" at construction
+    (said once in the log, not at every step), steps bit for bit like an explicit "hook" and
+    follows torch.optim.AdamW(fused=False) step by step (two groups, tied weights, a schedule)."""
+    hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, theirs = _tied_pair(dtype)
+    explicit, _ = _tied_pair(dtype)
+    with caplog.at_level("INFO", logger="lowmem.optim.hmadam"):
+        opt = HMAdamW(_groups(ours), fused=fused, **hp)
+        hook = HMAdamW(_groups(explicit), variance_correction="hook", fused=fused, **hp)
+        ref = torch.optim.AdamW(_groups(theirs), foreach=False, fused=False, **hp)
+        assert opt.variance_mode == "hook" and [g["variance_correction"] for g in opt.param_groups] == ["auto"] * 2
+        assert opt.loop_note() == ("HMAdamW: variance_correction=auto resolved to hook "
+                                   "(one process, plain tensors, no fp16 loss scaling)")  # fmt: skip
+        assert hook.loop_note() is None  # nothing was resolved
+        scheds = [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=20) for o in (opt, hook, ref)]
+        gen = torch.Generator().manual_seed(1)
+        worst = 0.0
+        for _ in range(60):
+            ids = torch.randint(0, 11, (16, 5), generator=gen)
+            for model, o, sched in ((ours, opt, scheds[0]), (explicit, hook, scheds[1]), (theirs, ref, scheds[2])):
+                o.zero_grad()
+                _loss(model, ids).backward()
+                o.step()
+                sched.step()
+            worst = max(worst, max((p - q).abs().max().item() for p, q in zip(ours.parameters(), theirs.parameters())))
+            for p, q in zip(ours.parameters(), explicit.parameters()):
+                assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+                assert torch.equal(opt.state[p]["exp_avg_sq"], hook.state[q]["exp_avg_sq"])
+    assert worst <= AUTO_EXACT[dtype, fused], worst
+    said = [r.getMessage() for r in caplog.records if r.name == "lowmem.optim.hmadam"]
+    assert said == [opt.loop_note()], said  # once, at construction
+
+
+def test_auto_on_dtensor_params_is_noise_and_plain_params_in_the_same_process_are_hook(one_rank_mesh):
+    """FSDP2's DTensor parameters (a one-rank mesh): "auto" resolves to "noise" and steps exactly like
+    an explicit "noise" on plain tensors, where an explicit "hook" is refused; plain parameters in
+    the same process (world size 1) resolve to "hook"."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    init = [torch.randn(6, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    sharded = [nn.Parameter(distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)])) for x in init]
+    plain = [nn.Parameter(x.clone()) for x in init]
+    opt_sharded = HMAdamW(sharded, lr=0.1, fused=False)
+    opt_noise = HMAdamW(plain, lr=0.1, variance_correction="noise", fused=False)
+    assert opt_sharded.variance_mode == "noise" and "(DTensor parameters (FSDP2))" in opt_sharded.loop_note()
+    assert HMAdamW([nn.Parameter(x.clone()) for x in init], fused=False).variance_mode == "hook"
+    assert not any(p._backward_hooks or p._post_accumulate_grad_hooks for p in sharded)
+    for _ in range(4):
+        grads = [torch.randn_like(x) for x in init]
+        for opt, params, wrap in ((opt_sharded, sharded, True), (opt_noise, plain, False)):
+            opt.zero_grad()
+            gs = [distribute_tensor(g, one_rank_mesh, [Shard(0)]) if wrap else g for g in grads]
+            sum((p * g).sum() for p, g in zip(params, gs)).backward()
+            opt.step()
+    for a, b in zip(plain, sharded):
+        torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt_sharded.state[b]["exp_avg_sq"].full_tensor(), opt_noise.state[a]["exp_avg_sq"],
+                                   rtol=1e-12, atol=0)  # fmt: skip
+
+
+def test_auto_under_loss_scaling_or_another_world_size_is_noise_from_the_fit_start_check(monkeypatch):
+    """What the fit-start check (lowmem.strategies.checks.check_trainer) knows and the optimizer cannot
+    see: an fp16 GradScaler, FSDP2, DDP's world size. "auto" resolves to "noise" for each (hooks
+    removed) and is never refused; an explicit "hook" is refused; a scaler-aware plain loop that
+    calls scale_momentum_ gets "noise" too."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from lowmem.strategies import FoldedMomentumPrecision, StrategyError
+    from lowmem.strategies.checks import capabilities_of, check_trainer
+
+    def fit_start(correction, strategy=None, world_size=1, plugin=None):
+        model, _ = _tied_pair(torch.float32)
+        opt = HMAdamW(_groups(model), variance_correction=correction, fused=False)
+        assert opt.variance_mode == "hook"  # one process, as far as the optimizer can see
+        stand_in = SimpleNamespace(strategy=strategy, precision_plugin=plugin or Precision(), world_size=world_size,
+                                   gradient_clip_val=None, gradient_clip_algorithm=None, optimizers=[opt])  # fmt: skip
+        check_trainer(stand_in, capabilities_of(opt), "HMAdamW")
+        return model, opt
+
+    fp16 = FoldedMomentumPrecision("16-mixed", device="cpu")
+    for kwargs, why in [(dict(plugin=fp16), "fp16 loss scaling"), (dict(strategy=ModelParallelStrategy()),
+                        "DTensor parameters (FSDP2)"), (dict(strategy=DDPStrategy(), world_size=2), "world size 2")]:  # fmt: skip
+        model, opt = fit_start("auto", **kwargs)
+        assert opt.variance_mode == "noise" and opt.loop_note().endswith(f"resolved to noise ({why})"), opt.loop_note()
+        assert not any(p._backward_hooks for p in model.parameters())
+        with pytest.raises(StrategyError, match=r"variance_correction='hook'"):
+            fit_start("hook", **kwargs)
+    assert fit_start("auto", strategy=DDPStrategy(), world_size=1)[1].variance_mode == "hook"
+
+    model, _ = _tied_pair(torch.float32)
+    opt = HMAdamW(_groups(model), fused=False)
+    opt.scale_momentum_(2.0**10)  # FoldedMomentumPrecision does this before the first backward
+    assert opt.variance_mode == "noise" and opt.loop_note().endswith("(fp16 loss scaling)")
+
+
+def test_auto_checkpoint_resumes_across_a_mode_change_keeping_auto(monkeypatch):
+    """A state dict of a one-process run (auto = hook) saves the requested "auto" (not the resolved
+    mode) and loads, without a refusal, into an optimizer that resolves "noise" (world size 2), which
+    then continues noise's maths from hook's v exactly (docs/algorithms.md §1, float64); the reverse
+    (a noise-run state dict in one process) continues as AdamW from that state. An explicit "hook"
+    state dict loaded there is refused (the control: the world size is seen)."""
+    import torch.distributed as dist
+
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    b1, b2 = hp["betas"]
+    params = make_params()
+    grads = [micro_grads(p.shape, 12, 1, seed=i) for i, p in enumerate(params)]
+
+    def train(opt, ps, steps):
+        for t in steps:
+            opt.zero_grad()
+            backward(ps, [g[t][0] for g in grads], 1)
+            opt.step()
+
+    one = HMAdamW(params, fused=False, **hp)
+    train(one, params, range(6))
+    saved = copy.deepcopy(one.state_dict())
+    assert [g["variance_correction"] for g in saved["param_groups"]] == ["auto"]
+    assert "variance_mode" not in saved["param_groups"][0]
+
+    def two_ranks():
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+
+    two_ranks()
+    resumed_params = [nn.Parameter(p.detach().clone()) for p in params]
+    resumed = HMAdamW(resumed_params, fused=False, **hp)
+    assert resumed.variance_mode == "noise"
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert resumed.param_groups[0]["variance_correction"] == "auto" and resumed.variance_mode == "noise"
+    assert resumed.loop_note().endswith("resolved to noise (world size 2)")
+    ref = Reference(resumed_params, betas=hp["betas"], eps=hp["eps"], wd=hp["weight_decay"], decoupled=True,
+                    correction="noise")  # fmt: skip
+    ref.t = 6
+    ref.v = [one.state[p]["exp_avg_sq"].clone() for p in params]
+    ref.B = [p.grad / b1 for p in params]  # the buffer after step 6, before its decay for step 7
+    train(resumed, resumed_params, range(6, 12))
+    for t in range(6, 12):
+        ref.zero_grad()
+        ref.backward([g[t][0] for g in grads])
+        ref.step(hp["lr"])
+    for i, p in enumerate(resumed_params):
+        assert_rel(p, ref.w[i], 1e-12)
+        assert_rel(resumed.state[p]["exp_avg_sq"], ref.v[i], 1e-12)
+    assert resumed.state_dict()["param_groups"][0]["variance_correction"] == "auto"
+
+    # The control: an explicit "hook" state dict there is refused at the step, as at fit start.
+    hook_params = [nn.Parameter(p.detach().clone()) for p in params]
+    hooked = HMAdamW(hook_params, fused=False, **hp)
+    hooked.load_state_dict({**copy.deepcopy(saved), "param_groups": [{**saved["param_groups"][0],
+                                                                      "variance_correction": "hook"}]})  # fmt: skip
+    assert hooked.variance_mode == "hook"
+    backward(hook_params, [g[6][0] for g in grads], 1)
+    with pytest.raises(RuntimeError, match="world size 2"):
+        hooked.step()
+
+    # The reverse: the two-rank (noise) state dict in one process is hook, i.e. AdamW from that state.
+    noise_sd = copy.deepcopy(resumed.state_dict())
+    monkeypatch.undo()
+    back_params = [nn.Parameter(p.detach().clone()) for p in resumed_params]
+    back = HMAdamW(back_params, fused=False, **hp)
+    back.load_state_dict(noise_sd)
+    assert back.variance_mode == "hook"
+    adamw_params = [nn.Parameter(p.detach().clone()) for p in resumed_params]
+    adamw = torch.optim.AdamW(adamw_params, foreach=False, fused=False, **hp)
+    for p, q in zip(resumed_params, adamw_params):  # AdamW's exp_avg after step 12: m = (1 - b1) B
+        adamw.state[q] = {"step": torch.tensor(12.0), "exp_avg": (1 - b1) * p.grad / b1,
+                          "exp_avg_sq": resumed.state[p]["exp_avg_sq"].clone()}  # fmt: skip
+    more = [micro_grads(p.shape, 5, 1, seed=50 + i) for i, p in enumerate(params)]
+    for t in range(5):
+        for o, ps in ((back, back_params), (adamw, adamw_params)):
+            o.zero_grad()
+            backward(ps, [g[t][0] for g in more], 1)
+            o.step()
+    for p, q in zip(back_params, adamw_params):
+        assert_rel(p, q, 1e-12)
+        assert_rel(back.state[p]["exp_avg_sq"], adamw.state[q]["exp_avg_sq"], 1e-12)
+
+
+def test_auto_steps_as_noise_where_no_gradient_reached_its_hooks(caplog):
+    """Gradients written into .grad by hand (no backward): an explicit "hook" is refused at the second
+    step; "auto" takes each such step as noise's (one warning in the log), and the next step after a
+    backward is hook's again: v = b2 v + (1 - b2) g^2."""
+    shapes = [(4, 3), (5,)]
+    runs = {}
+    for correction in ("auto", "noise"):
+        params = make_params(shapes=shapes)
+        opt = HMAdamW(params, lr=1e-2, variance_correction=correction, fused=False)
+        gen = torch.Generator().manual_seed(0)
+        with caplog.at_level("WARNING", logger="lowmem.optim.hmadam"):
+            for _ in range(4):
+                opt.zero_grad()
+                for p in params:
+                    g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+                opt.step()
+        runs[correction] = (params, opt)
+    (auto_params, auto), (noise_params, noise) = runs["auto"], runs["noise"]
+    for a, b in zip(auto_params, noise_params):
+        assert torch.equal(a, b) and torch.equal(auto.state[a]["exp_avg_sq"], noise.state[b]["exp_avg_sq"])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "no gradient came through autograd's backward" in warned[0], warned
+    assert auto.variance_mode == "hook" and all(p._backward_hooks for p in auto_params)
+    v = [auto.state[p]["exp_avg_sq"].clone() for p in auto_params]
+    g = [torch.randn(p.shape, dtype=p.dtype) for p in auto_params]
+    auto.zero_grad()
+    backward(auto_params, g, 1)
+    auto.step()
+    for p, v_before, g_p in zip(auto_params, v, g):
+        assert_rel(auto.state[p]["exp_avg_sq"], 0.999 * v_before + 0.001 * g_p**2, 1e-12)
+    p = nn.Parameter(torch.randn(3))
+    hook = HMAdamW([p], variance_correction="hook", fused=False)
+    for _ in range(2):
+        p.grad = torch.ones(3) if p.grad is None else p.grad.add_(1.0)
+        if hook.state:
+            with pytest.raises(RuntimeError, match="no gradient reached its hooks"):
+                hook.step()
+        else:
+            hook.step()
+
+
+def test_invalid_variance_correction_lists_auto():
+    for bad in ({"variance_correction": "adamw"}, {}):
+        groups = [{"params": [nn.Parameter(torch.randn(2))], **bad}]
+        kwargs = {} if bad else {"variance_correction": "Auto"}
+        with pytest.raises(ValueError, match=r"invalid variance_correction='(adamw|Auto)'.*expected one of "
+                                             r"\('auto', 'noise', 'stationary', 'none', 'hook'\)"):  # fmt: skip
+            HMAdamW(groups, **kwargs)
+    opt = HMAdamW([nn.Parameter(torch.randn(2))])
+    with pytest.raises(ValueError, match=r"variance_correction='signal' in a param group.*'auto'"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2))], "variance_correction": "signal"})

@@ -26,7 +26,9 @@ its first moment in ``.grad``) must own:
 - at fit start it checks each optimizer's declared capabilities against the Trainer's Lightning
   strategy, precision and clipping (:func:`~lowmem.strategies.checks.check_trainer`; a module
   with an ``optimizer_strategy``, such as ``LowMemModule``, runs that strategy's ``check``), and
-  refuses a folded-momentum optimizer on a module without the mixin;
+  refuses a folded-momentum optimizer on a module without the mixin; options an optimizer resolves
+  for the loop are resolved there and said in one line on rank 0 (HMAdamW's
+  ``variance_correction=auto``: hook in one process, noise under DDP, FSDP2 or fp16 loss scaling);
 - the *training RNG stream*: training draws from torch's global RNG (dropout, anything in
   ``training_step``) come from a stream whose state is restored at the start of every training
   batch, captured at its end and saved in checkpoints (one state per rank under DDP). In-fit
@@ -122,6 +124,7 @@ class LowMemCallback(pl.Callback):
                     "(or subclass lowmem.lightning_modules.LowMemModule)."
                 )
         self._check_resumed_optimizers(trainer)
+        _report_loop_options(trainer)
         _warn_unassigned_roles(trainer, pl_module, strategy)
         if self.rng_stream is None:  # neither restored nor left by an earlier fit: start it here
             self.rng_stream = _rng_state(pl_module.device)
@@ -227,6 +230,18 @@ def _mark_epoch_started(trainer: pl.Trainer, checkpoint: dict) -> None:
         counts = progress.get(scope, {})
         if "completed" in counts and counts.get("ready", 0) <= counts["completed"]:
             counts["ready"] = counts["started"] = counts["completed"] + 1
+
+
+def _report_loop_options(trainer: pl.Trainer) -> None:
+    """One INFO line (rank 0) per optimizer whose options were resolved for this loop by the
+    fit-start check (``loop_note()``, e.g. HMAdamW's ``variance_correction=auto``)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    for optimizer in trainer.optimizers:
+        note = getattr(getattr(optimizer, "optimizer", optimizer), "loop_note", None)
+        line = note() if callable(note) else None
+        if line:
+            rank_zero_info(f"lowmem: {line}")
 
 
 # The optimizers whose update depends on the parameter roles (lowmem.optim.roles), beyond weight decay.

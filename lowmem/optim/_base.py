@@ -129,6 +129,12 @@ class LowMemOptimizer(Optimizer):
         :func:`lowmem.strategies.checks.check_trainer`; here: always None."""
         return None
 
+    def configure_for_loop(self, *, world_size: int, grad_scaler: bool, sharded: bool) -> None:
+        """Adapt the options that depend on the loop (``world_size`` processes, an fp16 GradScaler,
+        sharded (FSDP2) parameters) to it, e.g. resolve HMAdamW's ``variance_correction="auto"``.
+        Called at fit start by :func:`lowmem.strategies.checks.check_trainer`, before
+        :meth:`loop_refusal`; here: nothing to adapt."""
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Backfill defaults added in later versions so old checkpoints still load; torch's own
         # __setstate__ adds "differentiable" to the defaults, which is not ours to add to groups.

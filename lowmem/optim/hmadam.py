@@ -28,11 +28,18 @@ step, 1 without accumulation; HMAdam: ``(1 - b2)(w g^2 + 2 wd W g)`` per pass pl
 and one process this is AdamW's (HMAdam: Adam-with-L2's) trajectory, with ``v`` as the only
 state tensor; under accumulation ``v`` is the mean of the squared micro-batch gradients (see
 :class:`HMAdam`); multi-process runs and fp16 loss scaling are refused.
+
+``variance_correction="auto"`` (the default) is ``"hook"`` where the hooks see every gradient
+(one process, plain tensors, no fp16 loss scaling) and ``"noise"`` elsewhere (DDP, FSDP2/DTensor
+parameters, fp16 loss scaling): HMAdamW then reaches AdamW's trajectory at AdamW's hyperparameters
+wherever that is possible, and runs everywhere. The resolved mode is each group's
+``variance_mode`` (see :class:`HMAdam`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import weakref
 from collections.abc import Iterable
@@ -47,7 +54,10 @@ from lowmem.optim._fast import FusedForeach, local_tensor
 
 __all__ = ["HMAdam", "HMAdamW", "hmadam", "variance_scale"]
 
-VARIANCE_CORRECTIONS = ("noise", "stationary", "none", "hook")
+VARIANCE_CORRECTIONS = ("auto", "noise", "stationary", "none", "hook")
+_HOOK_EXACT = "one process, plain tensors, no fp16 loss scaling"  # why "auto" is "hook"
+_LOOP_FACTS = ("_auto", "_loop", "_loss_scaled", "_unfed_warned", "_settled", "_logged")  # copied with the optimizer
+_log = logging.getLogger(__name__)
 
 
 def variance_scale(kind: str, beta1: float, step: float) -> float:
@@ -65,7 +75,10 @@ def variance_scale(kind: str, beta1: float, step: float) -> float:
         return (1 + beta1) / ((1 - beta1) * (1 - beta1 ** (2 * step)))
     if kind == "stationary":
         return (1 + beta1) / (1 - beta1)
-    return 1.0
+    if kind == "none":
+        return 1.0
+    raise ValueError(f"variance_scale: invalid kind={kind!r}; expected one of {VARIANCE_CORRECTIONS[1:]} "
+                     "('auto' is resolved by the optimizer: pass its group's variance_mode)")
 
 
 class HMAdam(LowMemOptimizer):
@@ -142,6 +155,33 @@ class HMAdam(LowMemOptimizer):
       ``"hook"`` after its parameters were added. Momentum clipping clips ``B``, not ``v``
       (AdamW's clipping clips the gradient ``v`` sees). Hooks are removed when the optimizer
       is garbage-collected; a deep copy registers its own on the copied parameters.
+    * **variance_correction="auto"** (the default): ``"hook"`` where its hooks see every gradient
+      that enters ``.grad`` (one process, plain tensors, no fp16 loss scaling: AdamW's trajectory
+      at AdamW's hyperparameters), ``"noise"`` elsewhere; never refused. ``"noise"`` when the
+      default process group has more than one rank (DDP), a parameter is a DTensor (FSDP2), the
+      fit-start check reported an fp16 GradScaler (:meth:`configure_for_loop`, called by
+      ``lowmem.strategies.checks.check_trainer``) or :meth:`scale_momentum_` was called (a
+      scaler-aware loop). A step that finds no gradient came through autograd's backward since the
+      last one (``.grad`` written by hand, a skipped backward), which an explicit ``"hook"``
+      refuses, is a ``"noise"`` step (a warning in the log, once). A group keeps the requested
+      value in ``variance_correction`` (what :meth:`state_dict` saves and ``load_state_dict``
+      restores) and the resolved one in ``variance_mode`` (never saved); :attr:`variance_mode`
+      reads it, the ``lowmem.optim.hmadam`` logger says what ``"auto"`` resolved to at INFO
+      whenever that changes, and under Lightning ``LowMemCallback`` prints it at fit start. It is resolved at construction and
+      :meth:`add_param_group`, at fit start, after ``load_state_dict`` (the new run's loop, not
+      the saved one's), and again at the end of the first step after either (a process group
+      started after the optimizer was built). The first step of a parameter is the same maths in
+      both modes (``v = (1 - b2) B^2``), so hooks registered before the second backward pass see
+      everything ``v`` needs; a resolution between steps holds from the next step on.
+      *Resuming across a mode change* (a one-process checkpoint resumed under DDP, or the
+      reverse) continues from the saved ``v`` in the new run's mode, which is defined: both modes
+      keep ``exp_avg_sq`` as an EMA estimate of ``E[g^2]`` in Adam's units (gradient squared),
+      bias-corrected by the same ``1 - b2^t`` of the same saved step count. Hook's ``v`` is
+      AdamW's; noise's over-estimates a gradient that is mostly signal by up to
+      ``(1 + b1)/(1 - b1)``, so after noise -> hook such an excess decays at rate ``b2`` (steps
+      smaller than AdamW's until it has), and hook -> noise starts noise's EMA from AdamW's
+      ``v``. Under accumulation the first step after a switch to ``"hook"`` counts its
+      micro-batches with the saved ``w`` (1 from a noise run), learning ``w`` there.
     * **Not for** an fp16 ``GradScaler`` as is (``unscale_`` divides the whole history; a scaler
       aware integration uses :meth:`scale_momentum_`), gradient-compression DDP hooks, or
       optimizer-in-backward schemes that free gradients.
@@ -152,9 +192,11 @@ class HMAdam(LowMemOptimizer):
         betas: ``(b1, b2)``: decay of the momentum buffer and of ``v``, each in [0, 1).
         eps: added to ``sqrt(v_hat)``, gradient units.
         weight_decay: coupled L2 for HMAdam, decoupled (times lr) for HMAdamW.
-        variance_correction: ``"noise"`` (default), ``"stationary"`` or ``"none"``: ``v`` from
-            ``c m^2`` (:func:`variance_scale`); ``"hook"``: ``v`` from the incoming gradients
-            through per-parameter hooks (AdamW's ``v``; single process, see above).
+        variance_correction: ``"auto"`` (default): ``"hook"`` in one process on plain tensors
+            without fp16 loss scaling, ``"noise"`` elsewhere (see above); ``"noise"``,
+            ``"stationary"`` or ``"none"``: ``v`` from ``c m^2`` (:func:`variance_scale`);
+            ``"hook"``: ``v`` from the incoming gradients through per-parameter hooks (AdamW's
+            ``v``; one process only, refused elsewhere, see above).
         fused: ``True`` runs the step as one fused kernel with no parameter-sized temporaries,
             on the backends of :mod:`lowmem.optim._dispatch`: hand-written C for float32
             contiguous CPU tensors (built on first use in ~0.3 s), else ``torch.compile``'d (the
@@ -178,7 +220,7 @@ class HMAdam(LowMemOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        variance_correction: str = "noise",
+        variance_correction: str = "auto",
         fused: bool | None = None,
         state_in_param_dtype: bool = False,
         max_momentum_norm: float | None = None,
@@ -206,13 +248,26 @@ class HMAdam(LowMemOptimizer):
         super().__init__(params, defaults)
         self._decay_pending = True  # zero_grad() must still decay: no step() since the last decay
         self._seen: dict[Tensor, tuple[weakref.ref, int]] = {}  # param -> (its buffer, data_ptr)
-        self._sync_hooks()
+        self._resolve_variance()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """``Optimizer.add_param_group``; a ``"hook"`` group's parameters get their gradient hooks."""
+        """``Optimizer.add_param_group``; the group's ``variance_mode`` is resolved (with its
+        parameters) and a ``"hook"`` group's parameters get their gradient hooks."""
+        value = param_group.get("variance_correction", self.defaults["variance_correction"])
+        if value not in VARIANCE_CORRECTIONS:
+            raise ValueError(f"{type(self).__name__}: invalid variance_correction={value!r} in a param group; "
+                             f"expected one of {VARIANCE_CORRECTIONS}")  # fmt: skip
         super().add_param_group(param_group)
-        if "_hooks" in self.__dict__:
-            self._sync_hooks()
+        if "_auto" in self.__dict__:  # __init__ resolves every group at its end
+            self._resolve_variance()
+
+    @property
+    def variance_mode(self) -> str:
+        """The variance mode of the groups, as the next step uses it: ``"hook"``, ``"noise"``,
+        ``"stationary"`` or ``"none"`` (``"auto"`` resolved); per group, comma-separated, where
+        the groups differ. Each group's own is its ``variance_mode`` key."""
+        modes = [g["variance_mode"] for g in self.param_groups]
+        return modes[0] if len(set(modes)) == 1 else ",".join(modes)
 
     # ------------------------------------------------------------------------------- the step
     def _init_group(self, group_index: int, group: dict[str, Any], first_index: int) -> tuple[list, list, list, list]:
@@ -243,6 +298,7 @@ class HMAdam(LowMemOptimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check every group before touching any tensor: a failed guard leaves everything as it was.
+        self._step_modes()
         collected, first = [], 0
         for i, group in enumerate(self.param_groups):
             collected.append(self._init_group(i, group, first))
@@ -268,7 +324,7 @@ class HMAdam(LowMemOptimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                variance_correction=group["variance_correction"],
+                variance_correction=group["variance_mode"],
                 decoupled=self.decoupled_weight_decay,
                 fused=fused,
             )
@@ -278,25 +334,90 @@ class HMAdam(LowMemOptimizer):
             self._micro_batches = max(self._micro_batches, *self._hook_calls.values())
             self._hook_calls.clear()
         self._incoming.clear()  # gradients of torch.autograd.grad calls, never accumulated
+        if not self._settled:  # the first step since construction or a load: a process group may have started
+            self._settled = True
+            self._auto = self._auto_mode()
+            self._log_resolution()
         self._sync_hooks()
         return loss
 
-    # ------------------------------------------------------------- variance_correction="hook"
+    # ------------------------------------------------------- variance_correction: "auto", "hook"
     def _init_hook_registry(self) -> None:
         self._hooks: dict[Tensor, tuple[Any, Any]] = {}  # param -> its two hook handles
         self._hook_group: dict[Tensor, dict[str, Any]] = {}  # hooked param -> its group
         self._incoming: dict[Tensor, Tensor] = {}  # param -> the gradient autograd is adding
         self.__dict__.setdefault("_hook_calls", {})  # param -> backward passes since the last step
         self.__dict__.setdefault("_micro_batches", 1)  # w: the most backward passes of any step
+        # What "auto" resolves from, besides torch.distributed and the parameters (facts of the loop,
+        # not of a checkpoint: kept by load_state_dict):
+        self.__dict__.setdefault("_loop", {})  # configure_for_loop's world_size, grad_scaler, sharded
+        self.__dict__.setdefault("_loss_scaled", False)  # scale_momentum_ was called
+        self.__dict__.setdefault("_unfed_warned", False)  # a step found no hook-fed gradient (said once)
+        self.__dict__.setdefault("_settled", False)  # resolved again at the end of a step since construction/load
+        self.__dict__.setdefault("_logged", None)  # the last (mode, why) logged
         weakref.finalize(self, _remove_hooks, self._hooks)
 
+    def configure_for_loop(self, *, world_size: int, grad_scaler: bool, sharded: bool) -> None:
+        """Resolve ``variance_correction="auto"`` for a loop with ``world_size`` processes, an fp16
+        GradScaler or sharded (FSDP2) parameters; called at fit start by
+        :func:`lowmem.strategies.checks.check_trainer` (before :meth:`loop_refusal`). A plain loop
+        need not call it: the optimizer reads ``torch.distributed`` and its parameters itself; only
+        loss scaling is invisible to it (a scaler-aware loop calls :meth:`scale_momentum_`, which
+        tells it too)."""
+        self._loop = {"world_size": int(world_size), "grad_scaler": bool(grad_scaler), "sharded": bool(sharded)}
+        self._resolve_variance()
+
+    def loop_note(self) -> str | None:
+        """One line: what ``variance_correction="auto"`` resolved to here, and why; None when no
+        group asks for ``"auto"``."""
+        if not any(g["variance_correction"] == "auto" for g in self.param_groups):
+            return None
+        mode, why = self._auto
+        return f"{type(self).__name__}: variance_correction=auto resolved to {mode} ({why})"
+
+    def _auto_mode(self) -> tuple[str, str]:
+        """``("hook", why)`` where the hooks see every gradient that enters ``.grad``, else
+        ``("noise", why)``: the same for every group (one process group, one loss scale)."""
+        import torch.distributed as dist
+
+        world = int(self._loop.get("world_size") or 1)
+        if dist.is_available() and dist.is_initialized():
+            world = max(world, dist.get_world_size())
+        if world > 1:
+            return "noise", f"world size {world}"
+        if self._loop.get("sharded") or any(local_tensor(p) is not p for g in self.param_groups for p in g["params"]):
+            return "noise", "DTensor parameters (FSDP2)"
+        if self._loop.get("grad_scaler") or self._loss_scaled:
+            return "noise", "fp16 loss scaling"
+        return "hook", _HOOK_EXACT
+
+    def _target_mode(self, group: dict[str, Any]) -> str:
+        """The mode a group asks for: its ``variance_correction``, ``"auto"`` resolved."""
+        wanted = group["variance_correction"]
+        return self._auto[0] if wanted == "auto" else wanted
+
+    def _resolve_variance(self) -> None:
+        """Resolve ``"auto"`` now, set every group's ``variance_mode`` and hook or unhook its
+        parameters; logged when the resolution changes."""
+        self._auto = self._auto_mode()
+        self._sync_hooks()
+        self._log_resolution()
+
+    def _log_resolution(self) -> None:
+        note = self.loop_note()
+        if note is not None and self._auto != self._logged:
+            self._logged = self._auto
+            _log.info(note)
+
     def _sync_hooks(self) -> None:
-        """Hook every parameter of a ``"hook"`` group that is not hooked yet, and map each hooked
+        """Set each group's ``variance_mode``; hook every parameter of a ``"hook"`` group that is not
+        hooked yet, unhook the parameters no ``"hook"`` group holds any more, and map each hooked
         parameter to its group (``load_state_dict`` replaces the group dicts)."""
         self._hook_group = {}
         me = weakref.ref(self)
         for group in self.param_groups:
-            if group["variance_correction"] != "hook":
+            group["variance_mode"] = mode = self._target_mode(group)
+            if mode != "hook":
                 continue
             for p in group["params"]:
                 self._hook_group[p] = group
@@ -305,6 +426,21 @@ class HMAdam(LowMemOptimizer):
                         p.register_hook(functools.partial(_keep_incoming, me, weakref.ref(p))),
                         p.register_post_accumulate_grad_hook(functools.partial(_after_accumulation, me)),
                     )
+        for p in [p for p in self._hooks if p not in self._hook_group]:  # an "auto" group that became "noise"
+            for handle in self._hooks.pop(p):
+                handle.remove()
+            self._incoming.pop(p, None)
+        self._hook_calls = {p: n for p, n in self._hook_calls.items() if p in self._hook_group}
+
+    def _step_modes(self) -> None:
+        """Each group's ``variance_mode`` for this step: what it asks for, except that an ``"auto"``
+        group whose hooks are not in place yet (set to ``"auto"`` by hand since the last step) steps
+        as ``"noise"`` once and is hooked at the end of the step."""
+        for group in self.param_groups:
+            mode = self._target_mode(group)
+            if mode == "hook" and group["variance_correction"] == "auto" and group.get("variance_mode") != "hook":
+                mode = "noise"
+            group["variance_mode"] = mode
 
     @torch.no_grad()
     def _update_v(self, p: Tensor, grad: Tensor) -> None:
@@ -313,7 +449,7 @@ class HMAdam(LowMemOptimizer):
         self._hook_calls[p] = calls + 1
         group = self._hook_group.get(p)
         state = self.state.get(p)
-        if group is None or group["variance_correction"] != "hook" or not state or state["step"].item() == 0:
+        if group is None or self._target_mode(group) != "hook" or not state or state["step"].item() == 0:
             return  # no step yet: the first step takes v from B
         v = state["exp_avg_sq"]
         beta2 = group["betas"][1]
@@ -328,22 +464,26 @@ class HMAdam(LowMemOptimizer):
             v.addcmul_(g, g, value=(1 - beta2) * w)
 
     def _check_hook_groups(self, collected: list) -> list[tuple[dict, Tensor, Tensor]]:
-        """Refuse what the hooks cannot see (before any tensor is touched); the ``(group, p, v)``
-        of hook-group parameters past their first step."""
+        """Refuse what the hooks cannot see (before any tensor is touched) in an explicit ``"hook"``
+        group, switch ``"auto"`` groups to ``"noise"`` for it; the ``(group, p, v)`` of hook-mode
+        parameters past their first step."""
         name = type(self).__name__
         pending, fed = [], False
         for i, (group, (params, _, exp_avg_sqs, steps)) in enumerate(zip(self.param_groups, collected)):
-            if group["variance_correction"] != "hook":
+            if group["variance_mode"] != "hook":
                 continue
             for p, v, s in zip(params, exp_avg_sqs, steps):
-                if p not in self._hooks:
+                if p not in self._hooks and group["variance_correction"] != "auto":
+                    # ("auto" groups are hooked before they step as "hook" (_step_modes); a parameter
+                    # frozen then has no hooks and no autograd gradient: its v only decays, below.)
                     raise RuntimeError(
                         f"{name}: param group {i} was switched to variance_correction='hook' after its parameters "
                         "were added, so their gradients were never seen by a hook; set it in the constructor "
                         "or in the group given to add_param_group"
                     )
                 if local_tensor(p) is not p:
-                    raise RuntimeError(_refusal(name, "DTensor parameters (FSDP2)"))
+                    sharded = "DTensor parameters (FSDP2)"
+                    return self._hook_unusable(_refusal(name, sharded), sharded)
                 if s.item() >= 1:
                     pending.append((group, p, v))
                     fed = fed or p in self._hook_calls
@@ -351,15 +491,41 @@ class HMAdam(LowMemOptimizer):
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                raise RuntimeError(_refusal(name, f"world size {dist.get_world_size()}"))
+                world = f"world size {dist.get_world_size()}"
+                return self._hook_unusable(_refusal(name, world), world)
             if not fed:
-                raise RuntimeError(
+                return self._hook_unusable(
                     f"{name}(variance_correction='hook'): no gradient reached its hooks since the last step, but "
                     "the parameters have .grad: gradients were written into .grad without autograd's backward "
                     "(by hand, FSDP2, an optimizer-in-backward scheme), or step() ran twice without a backward. "
-                    "Use variance_correction='noise' there."
+                    "Use variance_correction='noise' there.",
+                    None,
                 )
         return pending
+
+    def _hook_unusable(self, refusal: str, why: str | None) -> list:
+        """Raise ``refusal`` if an explicit ``"hook"`` group steps now. Else the ``"auto"`` groups
+        step as ``"noise"``: from now on where the loop rules hooks out (``why``: a process group
+        or DTensors that appeared after the first step; a warning), for this step only where no
+        gradient came through a backward pass since the last one (``why`` None: ``.grad`` written
+        by hand, or a step without a backward; noise's ``c m^2`` is right for both, where
+        ``v = b2 v`` would let ``v`` vanish under hand-written gradients; a warning, once).
+        No hook parameters are pending then."""
+        name = type(self).__name__
+        if any(g["variance_mode"] == "hook" and g["variance_correction"] == "hook" for g in self.param_groups):
+            raise RuntimeError(refusal)
+        if why is not None:
+            self._auto = self._logged = ("noise", why)
+            _log.warning("%s: variance_correction=auto switched from hook to noise at this step: %s", name, why)
+        elif not self._unfed_warned:
+            self._unfed_warned = True
+            _log.warning("%s: variance_correction=auto: no gradient came through autograd's backward since the last "
+                         "step (.grad written by hand, or a step without a backward), so this step and any like it "
+                         "take v from the buffer as noise does; hook's v resumes with the next backward", name)  # fmt: skip
+        for group in self.param_groups:
+            if group["variance_correction"] == "auto":
+                group["variance_mode"] = "noise"  # this step; _sync_hooks sets the resolved mode at its end
+        return []
 
     @torch.no_grad()
     def _finish_hook_v(self, pending: list[tuple[dict, Tensor, Tensor]]) -> None:
@@ -374,7 +540,8 @@ class HMAdam(LowMemOptimizer):
 
     def loop_refusal(self, *, world_size: int, grad_scaler: bool, sharded: bool) -> str | None:
         """Why this optimizer, as configured, cannot run with ``world_size`` processes, an fp16
-        GradScaler or sharded (FSDP2) parameters; None when it can (checked at fit start)."""
+        GradScaler or sharded (FSDP2) parameters; None when it can (checked at fit start). Only an
+        explicit ``"hook"`` is ever refused; ``"auto"`` resolves to ``"noise"`` there."""
         if not any(g["variance_correction"] == "hook" for g in self.param_groups):
             return None
         name = type(self).__name__
@@ -414,7 +581,14 @@ class HMAdam(LowMemOptimizer):
     @torch.no_grad()
     def scale_momentum_(self, factor: float | Tensor) -> None:
         """Multiply every buffer by ``factor`` in place, e.g. ``S_next / S_prev`` to move the
-        history into the units of the coming loss-scaled backward (fp16 ``GradScaler``)."""
+        history into the units of the coming loss-scaled backward (fp16 ``GradScaler``).
+
+        The first call also marks the loop as loss-scaled: ``variance_correction="auto"`` resolves
+        to ``"noise"`` from then on (its hooks would square scaled gradients)."""
+        if not self._loss_scaled:
+            self._loss_scaled = True
+            if self._auto[0] == "hook":
+                self._resolve_variance()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)
@@ -496,6 +670,9 @@ class HMAdam(LowMemOptimizer):
                                     "variance_hook_calls": self._hook_calls.get(p, 0)}  # fmt: skip
                 index += 1
         sd["state"] = state
+        # The resolved mode belongs to the run, not to the checkpoint: load_state_dict resolves the
+        # saved variance_correction (the requested one, e.g. "auto") for the loop that loads it.
+        sd["param_groups"] = [{k: v for k, v in g.items() if k != "variance_mode"} for g in sd["param_groups"]]
         return sd
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
@@ -537,20 +714,26 @@ class HMAdam(LowMemOptimizer):
         self._micro_batches = micro_batches
         self._hook_calls = {params[key]: n for key, n in calls.items() if n > 0}
         self._incoming.clear()
+        self._settled = False
+        self._resolve_variance()  # the saved groups' variance_correction, for this run's loop
 
     def __getstate__(self) -> dict[str, Any]:
         # The momentum travels with deepcopy/pickle (Parameter.__deepcopy__ drops .grad); hooks do
         # not (they belong to the original parameters): __setstate__ registers the copy's own.
         momentum = [p.grad for g in self.param_groups for p in g["params"]]
         return {**super().__getstate__(), "_decay_pending": self._decay_pending, "_momentum": momentum,
-                "_micro_batches": self._micro_batches, "_hook_calls": self._hook_calls}  # fmt: skip
+                "_micro_batches": self._micro_batches, "_hook_calls": self._hook_calls,
+                **{k: self.__dict__[k] for k in _LOOP_FACTS if k in self.__dict__}}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         momentum = state.pop("_momentum", None)
         super().__setstate__(state)
         if "_hooks" not in self.__dict__:  # a copy or an unpickled optimizer (load_state_dict keeps them)
             self._init_hook_registry()
-        self._sync_hooks()
+        if "_auto" in self.__dict__:
+            self._sync_hooks()
+        else:  # an optimizer pickled before "auto" existed
+            self._resolve_variance()
         self.__dict__.setdefault("_decay_pending", True)
         if momentum is not None:
             params = [p for g in self.param_groups for p in g["params"]]
@@ -575,7 +758,7 @@ class HMAdamW(HMAdam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        variance_correction: str = "noise",
+        variance_correction: str = "auto",
         fused: bool | None = None,
         state_in_param_dtype: bool = False,
         max_momentum_norm: float | None = None,

@@ -106,11 +106,18 @@ def check_trainer(trainer: Any, caps: Capabilities, name: str, single_process: b
             f"{name} cannot run with an fp16 GradScaler ({type(plugin).__name__}): its statistics see the "
             "loss-scaled gradients that the scaler's unscale_ never reaches. Use precision bf16-mixed (or 32-true)."
         )
-    # Options of a built optimizer that rule a loop out (HMAdamW's variance_correction="hook": one process).
+    # Options of a built optimizer that depend on the loop: first resolved for it (HMAdamW's
+    # variance_correction="auto": hook in one process, noise elsewhere), then refused where they rule
+    # it out (variance_correction="hook": one process).
+    loop = {"world_size": trainer.world_size, "grad_scaler": scaler is not None,
+            "sharded": isinstance(strategy, ModelParallelStrategy)}  # fmt: skip
     for optimizer in getattr(trainer, "optimizers", None) or ():
-        refusal = getattr(getattr(optimizer, "optimizer", optimizer), "loop_refusal", None)
-        message = refusal(world_size=trainer.world_size, grad_scaler=scaler is not None,
-                          sharded=isinstance(strategy, ModelParallelStrategy)) if callable(refusal) else None  # fmt: skip
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        configure = getattr(optimizer, "configure_for_loop", None)
+        if callable(configure):
+            configure(**loop)
+        refusal = getattr(optimizer, "loop_refusal", None)
+        message = refusal(**loop) if callable(refusal) else None
         if message:
             raise StrategyError(message)
 
