@@ -430,3 +430,15 @@ def test_fit_memory_summary_counts_the_grad_buffer_and_shows_the_accumulation_sa
     lines = text.splitlines()
     assert len(lines) == 4 and all(line.startswith("lowmem fit:") for line in lines)
     assert "2 micro-batches" in lines[0] and "HMAdamW vs AdamW: optimizer state 50." in lines[3]
+
+
+def test_fit_memory_summary_of_an_adamw_run_is_one_row():
+    """No comparison of AdamW with itself (and no second replay)."""
+    from lowmem.cli.memory import fit_memory_summary
+
+    model = cnn(AdamW(lr=3e-3))
+    t = trainer(max_steps=1, limit_val_batches=0)
+    dm = digits(BATCH)
+    t.fit(model, dm)
+    lines = fit_memory_summary(t, model, dm).splitlines()
+    assert len(lines) == 2 and "AdamW on the same" not in lines[0] and lines[1].split()[2] == "AdamW"

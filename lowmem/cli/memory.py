@@ -203,10 +203,20 @@ def _on_cpu(batch: Any) -> Any:
     return batch
 
 
-def fit_memory_rows(trainer: pl.Trainer, model: LowMemModule, datamodule: Any) -> tuple[dict, dict, int]:
+def fit_memory_rows(trainer: pl.Trainer, model: LowMemModule, datamodule: Any) -> tuple[dict, dict | None, int]:
     """(the run's optimizer, AdamW, micro-batches per step): :func:`state_bytes` of each after the
-    replayed step's ``step()`` plus ``peak`` (tensor bytes) and ``peak_phase``; see the module doc."""
-    model = model.cpu()
+    replayed step's ``step()`` plus ``peak`` (tensor bytes) and ``peak_phase``; see the module doc.
+    ``adamw`` is None when the run's optimizer is AdamW itself. The replays run on the CPU; the
+    trained model goes back to its device afterwards."""
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        return _fit_memory_rows(trainer, model.cpu(), datamodule)
+    finally:
+        model.to(device)
+
+
+def _fit_memory_rows(trainer: pl.Trainer, model: LowMemModule, datamodule: Any) -> tuple[dict, dict | None, int]:
     batch = _on_cpu(next(iter(datamodule.train_dataloader())))
     k = max(1, int(trainer.accumulate_grad_batches))
     precision = str(getattr(trainer, "precision", ""))
@@ -217,6 +227,8 @@ def fit_memory_rows(trainer: pl.Trainer, model: LowMemModule, datamodule: Any) -
     with warnings.catch_warnings():  # the run has shown its warnings already
         warnings.simplefilter("ignore")
         ours = _replay(model, batch, None, k, context)
+        if ours["name"] == "AdamW":
+            return ours, None, k
         adamw = _replay(model, batch, lambda groups: torch.optim.AdamW(groups), k, context)
     adamw["name"] = "AdamW"
     return ours, adamw, k
@@ -238,9 +250,12 @@ def fit_memory_summary(trainer: pl.Trainer, model: Any, datamodule: Any) -> str 
         return f"{ours[key] / adamw[key]:.1%}" if adamw[key] else "n/a"
 
     micro = f", {k} micro-batches" if k > 1 else ""
+    head = (f"lowmem fit: memory of one training step of this model (MiB of tensors, one training batch{micro}, "
+            "replayed on a copy after the fit")  # fmt: skip
+    if adamw is None:
+        return "\n".join([head + "):", line(ours)])
     return "\n".join([
-        f"lowmem fit: memory of one training step of this model (MiB of tensors, one training batch{micro}, "
-        "replayed on a copy after the fit; AdamW on the same parameter groups):",
+        head + "; AdamW on the same parameter groups):",
         line(ours),
         line(adamw),
         f"lowmem fit:   {ours['name']} vs AdamW: optimizer state {ratio('state')}, state + grad buffers "
