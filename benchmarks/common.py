@@ -35,7 +35,7 @@ Builder = Callable[[nn.Module], Optimizer]
 
 
 # --- optimizers ----------------------------------------------------------------------------------
-def _with(strategy: strategies.OptimizerStrategy, **extra: Any) -> Builder:
+def builder_of(strategy: strategies.OptimizerStrategy, **extra: Any) -> Builder:
     """``strategy.build``, or the strategy's groups and hyperparameters plus ``extra`` keywords."""
     if not extra:
         return strategy.build
@@ -50,17 +50,17 @@ def optimizer_builders(fast: bool = True) -> dict[str, Builder]:
     The baseline of every ratio is ``"AdamW (fused)"``: ``torch.optim.AdamW(fused=True)``.
     """
     return {
-        "AdamW (fused)": _with(strategies.AdamW(fused=True)),
-        "AdamW (foreach)": _with(strategies.AdamW(), foreach=True),
-        "HMAdamW": _with(strategies.HMAdamW(fused=fast)),
-        "AdamS": _with(strategies.AdamS(fused=fast)),
-        "SlimAdamW": _with(strategies.SlimAdamW(fused=fast)),
-        "Adam-mini": _with(strategies.AdamMini(fused=fast)),
-        "AdaPM": _with(strategies.AdaPM(fused=fast)),
-        "AdaPM-mini": _with(strategies.AdaPM(second_moment="mini", fused=fast)),
-        "IO-Adam": _with(strategies.IOAdam(fused=fast)),
-        "IO-Adam (fused)": _with(strategies.IOAdam(fused_linear=True, fused=fast)),
-        "Adafactor": _with(strategies.Adafactor()),
+        "AdamW (fused)": builder_of(strategies.AdamW(fused=True)),
+        "AdamW (foreach)": builder_of(strategies.AdamW(), foreach=True),
+        "HMAdamW": builder_of(strategies.HMAdamW(fused=fast)),
+        "AdamS": builder_of(strategies.AdamS(fused=fast)),
+        "SlimAdamW": builder_of(strategies.SlimAdamW(fused=fast)),
+        "Adam-mini": builder_of(strategies.AdamMini(fused=fast)),
+        "AdaPM": builder_of(strategies.AdaPM(fused=fast)),
+        "AdaPM-mini": builder_of(strategies.AdaPM(second_moment="mini", fused=fast)),
+        "IO-Adam": builder_of(strategies.IOAdam(fused=fast)),
+        "IO-Adam (fused)": builder_of(strategies.IOAdam(fused_linear=True, fused=fast)),
+        "Adafactor": builder_of(strategies.Adafactor()),
     }
 
 

@@ -64,6 +64,21 @@ def test_quality_benchmark_runs(tmp_path):
     assert "](figures/quality_cnn.png)" in section
 
 
+def test_quality_grid_runs_and_reuses_finished_runs(tmp_path):
+    """--grid: the lr grid on seed 0, the best lr re-run on the other seeds, the tables and the lr
+    sensitivity figure; a second invocation with --results re-runs nothing."""
+    argv = ["--quick", "--grid", "--families", "cnn", "--variants", "hmadamw", "--results", str(tmp_path / "r.jsonl"),
+            "--out", str(tmp_path)]  # fmt: skip
+    quality.main(argv)
+    runs = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert len(runs) == 2 * (4 + 1)  # AdamW and HMAdamW: 4 lrs on seed 0, the best on seed 1
+    section = _section((tmp_path / "benchmarks.md").read_text(), "quality-grid")
+    assert "| HMAdamW (auto) |" in section and "best lr" in section
+    assert (tmp_path / "figures" / "quality_grid_lr_cnn.png").read_bytes()[:4] == b"\x89PNG"
+    quality.main(argv)
+    assert (tmp_path / "r.jsonl").read_text().splitlines() == runs
+
+
 def test_floor_counts_the_second_read_of_column_compressed_tensors():
     import torch
 
