@@ -25,6 +25,15 @@ for-loop inside a ``torch.compile``'d training step (dynamo traces the loop, not
 ``$LOWMEM_BACKENDS`` (e.g. ``native,foreach``) limits the fast tiers a process may use (default:
 all three); ``foreach`` is always allowed, the last resort. Tests and benchmarks use
 :func:`only`, a context manager, to pin one tier.
+
+Why the native kernels are plain C called through ctypes rather than ``torch.library`` custom
+ops: the fast path never runs inside a ``torch.compile``'d graph (there dynamo traces the
+for-loop, which Inductor fuses by itself), so a custom op's visibility to the compiler would not
+be used; dtype dispatch is the tier order above (float32 CPU tensors to C, the rest to the other
+tiers); and a C++ extension would need torch's headers and a C++ toolchain where a plain C
+compiler (with a clean fallback when there is none) suffices. The kernels bump the version
+counters of the tensors they write, as an in-place op would, and a test holds the Python
+argument tables against the C definitions.
 """
 
 from __future__ import annotations
