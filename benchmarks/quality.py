@@ -71,12 +71,13 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "slimadamw": ("SlimAdamW", "slimadamw", []),
     "slimadamw-snr": ("SlimAdamW (SNR rules)", "slimadamw", []),
     "adapm": ("AdaPM", "adapm", []),
+    "adapm-mini": ("AdaPM-mini", "adapm", [f"{_OPT}.second_moment=mini"]),
     "adammini": ("Adam-mini", "adammini", []),
     "ioadam": ("IO-Adam", "ioadam", []),
 }
 DEFAULT_STEPS = {"cnn": 152, "lm": 300, "diffusion": 190}  # the configs' own lengths (8, -, 10 epochs)
 _FAMILY_OVERRIDES = {
-    # the noise generator and the training order (the fit-start check wants model and data seeds equal)
+    # the noise generator and the training order, both from the run's seed
     "diffusion": lambda seed: ["--model.init_args.sample_every_n_epochs=0", f"--model.init_args.noise_seed={seed}",
                                f"--data.init_args.seed={seed}"],
 }
@@ -249,7 +250,7 @@ def plot_family(family: str, runs: list[dict], steps: int, path: Path, note: str
     for i, variant in enumerate(v for v in VARIANTS if any(r["variant"] == v for r in runs)):
         group = [r for r in runs if r["variant"] == variant]
         style = {"color": colors(i % 10), "label": VARIANTS[variant][0],
-                 "linestyle": "--" if variant.startswith(("hmadamw-", "adams-", "slimadamw-")) else "-"}  # fmt: skip
+                 "linestyle": "--" if variant.startswith(("hmadamw-", "adams-", "slimadamw-", "adapm-")) else "-"}  # fmt: skip
         s, v = mean_curve(group)
         ax_train.plot(s, _smooth(v, window), **style)
         s, v = mean_curve(group, "val")
