@@ -32,6 +32,21 @@ class Mlp(nn.Module):
         return self.net(x)
 
 
+class TiedMlp(nn.Module):
+    """An Embedding(5, 7) (uneven rows: 3 + 2) tied to the head Linear(7, 5), and a Linear(7, 7):
+    IO-Adam's head and embedding statistics of the tied weight, R and Re sharded by rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte, self.fc, self.head = nn.Embedding(5, 7), nn.Linear(7, 7), nn.Linear(7, 5, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-1.0, -0.3, 0.3, 1.0]))
+        return self.head(torch.tanh(self.fc(x + self.wte(ids)))).tanh().sum(1, keepdim=True)
+
+
 class Conv1D(nn.Module):
     """Hugging Face's Conv1D written out (GPT-2's layer): ``X W + b`` with ``W`` stored (n_in, n_out)."""
 
@@ -161,6 +176,8 @@ CASES = {  # name -> (model, optimizer, bytes one step sends)
     # IO-Adam owns the 3 Linear weights: per step the (n_out + n_in) averaged statistics of each.
     "ioadam": (Mlp, lambda m: optim.IOAdam(m, lr=1e-2, buffer_size=3), 4 * ((5 + 7) + (3 + 5) + (1 + 3))),
     "ioadam-conv1d": (Conv1DMlp, lambda m: optim.IOAdam(m, lr=1e-2, buffer_size=3), 4 * ((5 + 7) + (1 + 5) + (1 + 1))),
+    # the tied weight's head and embedding uses (5 + 7 each), fc's (7 + 7)
+    "ioadam-tied": (TiedMlp, lambda m: optim.IOAdam(m, lr=1e-2, buffer_size=3), 4 * (2 * (5 + 7) + (7 + 7))),
     "adapm": (Momenta, _adapm(mini=False), ADAPM_BYTES),
     "adapm-mini": (Momenta, _adapm(mini=True), ADAPM_MINI_BYTES),
     "adapm-float64": (Momenta, _adapm(mini=False), 2 * ADAPM_BYTES),  # the factors follow the param dtype
@@ -258,7 +275,7 @@ def test_sharded_optimizer_matches_one_process(case, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adapm", "adapm-mini", "ioadam", "ioadam-conv1d",
-                                  "adafactor"])  # fmt: skip
+                                  "ioadam-tied", "adafactor"])  # fmt: skip
 def test_the_shard_plan_predicts_the_state_each_rank_holds(case, tmp_path):
     """``sharded_state_bytes`` (what ``lowmem memory --ranks`` and the sharding benchmark report)
     from the one-process optimizer equals the state bytes each FSDP2 rank really holds."""
@@ -270,7 +287,7 @@ def test_the_shard_plan_predicts_the_state_each_rank_holds(case, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["slim-fan-out-dim0", "mini-every-block", "adafactor", "ioadam", "ioadam-conv1d",
-                                  "adapm"])  # fmt: skip
+                                  "ioadam-tied", "adapm"])  # fmt: skip
 def test_negative_control_without_the_collectives_the_result_is_wrong(case, tmp_path):
     result = _run_sharded(tmp_path, case, without_collectives=True)
     assert _max_diff_to_one_process(case, result["params"]) > 1e-3

@@ -34,10 +34,14 @@ straight into the momentum, and returns ``None`` for the weight: ``W.grad`` is n
 It saves exactly what ``F.linear`` saves (``X`` and ``W``).
 
 A weight tied to an ``nn.Embedding`` (a tied LM head) keeps IO-Adam: the embedding gradient is
-``G[v, :] = sum_tokens [id = v] dE``, an outer-product sum like the Linear's with the one-hot
-token as the vocabulary-side factor, so it adds ``count(v)`` (= sum of the indicator to any
-power) to the vocabulary-side sums and ``sum_tokens |dE|^p`` to the feature-side sums, and
-Hölder's bound ``|G| <= R^(1/q) C^(1/p)`` keeps holding for the summed statistics.
+``G_emb[v, :] = sum_tokens [id = v] dE``, an outer-product sum like the Linear's with the one-hot
+token as the vocabulary-side factor. The embedding's forward hook counts the tokens
+(``count(v)`` = the sum of the indicator to any power; 0 for the padding row) and its tensor hook
+reduces ``dE`` to ``sum_tokens |dE|^p``; they are staged apart from the Linear use's sums
+(``opt._stage_embedding_stats``), because the optimizer bounds each use by Hölder on its own
+statistics and the tied gradient by the sum of the two bounds (``lowmem.optim.ioadam``). Summing
+them into the Linear use's sums would also bound ``|G|``, but with a cross term ``count(v) *
+sum_tokens |H|^p`` far above either use's bound.
 """
 
 from __future__ import annotations
@@ -163,7 +167,8 @@ def io_weights(model: nn.Module) -> tuple[dict[int, list[nn.Linear]], dict[int, 
 #   opt._owns(param) -> bool                         the hooks act only for the optimizer's own weights
 #   opt._io_exponents(param) -> (p, q)
 #   opt._grad_stat_scale(exponent) -> float         factor of a power sum of output gradients (ranks)
-#   opt._stage_stats(param, out_sum, in_sum)         statistics of one forward/backward pair
+#   opt._stage_stats(param, out_sum, in_sum)         statistics of one Linear forward/backward pair
+#   opt._stage_embedding_stats(param, counts, in_sum)  of one Embedding call of a tied weight
 #   opt._fused_momentum(param, x2d, dy2d)            fused mode: stats + M += (1-b1) dY^T X
 
 
@@ -255,7 +260,7 @@ def _embedding_backward_hook(ref: _OptRef, param: Tensor, counts: Tensor, p: flo
     if opt is not None:
         with torch.no_grad():
             in_sum, scale = power_sum(grad_out, p), opt._grad_stat_scale(p)
-            opt._stage_stats(param, counts, in_sum if scale == 1.0 else in_sum.mul_(scale))
+            opt._stage_embedding_stats(param, counts, in_sum if scale == 1.0 else in_sum.mul_(scale))
 
 
 class _FusedLinear(torch.autograd.Function):

@@ -23,15 +23,33 @@ Bias correction: ``D^2`` is a product of two EMAs, each carrying a factor ``(1-b
 step-size factor and "bias correction (1-b2^t)^2 of the product" are the same statement. eps
 is added to the uncorrected ``D`` (as in the authors' code), i.e. it acts as ``eps/(1-b2^t)``.
 
+A Linear weight tied to an ``nn.Embedding`` (a tied LM head, vocabulary on W's dim 0) gets
+``G = G_head + G_emb`` with ``G_emb[v, :] = sum_tokens [id = v] dE``: an outer-product sum too,
+with the one-hot token as the vocabulary-side factor. Each use keeps its own statistics, with
+the same slot, decay and step count: the head's ``R``, ``C`` above and the embedding's
+``Re[:, k] += (1-b2) count(v)`` (n_vocab x b, state "emb_out_stats"; ``count(v)`` is the sum of
+the indicator to any power) and ``Ce[:, k] += (1-b2) sum_tokens |dE|^p`` (n_in x b, state
+"emb_in_stats"). By the triangle inequality and Hölder per use, ``|G| <= |G_head| + |G_emb|``
+is bounded by the sum of the two denominators::
+
+    D = (sum_k R_k^(2/q) (x) C_k^(2/p))^(1/2) + (sum_k Re_k^(2/q) (x) Ce_k^(2/p))^(1/2)   "paper"
+    D = sum_k R_k^(1/q) (x) C_k^(1/p) + sum_k Re_k^(1/q) (x) Ce_k^(1/p)                   "per_slot"
+
+with the bias correction and eps above (each term carries the factor ``(1-b2^t)``). Summing
+both uses into one ``R`` and ``C`` (lowmem before) also bounds ``|G|``, but its cross term
+``count(v) sum_tokens |H|^p`` (both ~ the token count) inflates ``D`` by orders of magnitude and
+freezes the tied weight. Two Linear modules sharing a weight add into one ``R``, ``C`` (same
+semantics, as the gradient does).
+
 Gradient accumulation and loss scaling: statistics use ``dY`` exactly as autograd delivers it,
 summed over every token of every micro-batch between two steps, as the gradient is. With the
 usual ``loss / n_micro`` scaling this equals the full-batch statistics; for an untied weight
 the update is invariant to any constant loss scale ``s`` (``M`` and ``D`` both scale by ``|s|``;
-only eps is not). A weight tied to an embedding is not: its sums mix token counts and inputs,
-which no loss scale touches, with output-gradient terms. Distributed (DDP or FSDP2 over ``w``
-ranks), the averaged gradient is the gradient of the global batch, whose output gradients are
-each rank's ``dY / w``: every rank stages ``w^-q sum |dY|^q`` (``w^-p`` for an embedding's
-``dE``) and ``step()`` all-reduces the *sums*, so ``R`` and ``C`` are exactly the statistics one
+only eps is not). A weight tied to an embedding is not: its token counts are untouched by a
+loss scale. Distributed (DDP or FSDP2 over ``w`` ranks), the averaged gradient is the gradient
+of the global batch, whose output gradients are each rank's ``dY / w``: every rank stages
+``w^-q sum |dY|^q`` (``w^-p`` for an embedding's ``dE``; counts unscaled) and ``step()``
+all-reduces the *sums*, so ``R``, ``C`` (and ``Re``, ``Ce``) are exactly the statistics one
 process would gather from the global batch.
 
 A Hugging Face ``Conv1D`` (GPT-2's layers: ``Y = X W + b``, ``W`` stored n_in x n_out) is owned
@@ -86,8 +104,14 @@ class IOAdam(LowMemOptimizer):
 
     See the module docstring for the update. State per IO-Adam weight: ``exp_avg`` (M, the
     weight's shape), ``out_stats`` (R, n_out x b), ``in_stats`` (C, n_in x b), ``slot`` (k, an
-    int) and ``step`` (0-d float32); AdamW parameters keep ``exp_avg``, ``exp_avg_sq``, ``step``.
-    In fp32 that is ``4 (n_out n_in + b (n_out + n_in))`` bytes per weight: about half of AdamW.
+    int) and ``step`` (0-d float32); a weight tied to an embedding also keeps the embedding
+    use's ``emb_out_stats`` (Re, n_vocab x b) and ``emb_in_stats`` (Ce, n_in x b). AdamW
+    parameters keep ``exp_avg``, ``exp_avg_sq``, ``step``. In fp32 that is
+    ``4 (n_out n_in + b (n_out + n_in))`` bytes per weight (twice the ``b`` term when tied):
+    about half of AdamW. A state dict saved before the two uses were kept apart (a tied weight
+    with ``out_stats``/``in_stats`` only, both uses summed) loads: its buffers become the head
+    use's and the embedding use's start at zero; the mixed sums over-estimate the head's bound,
+    so the first steps are only smaller, and they decay away at ``b2``.
 
     Learning rate: the bound ``D >= sqrt(v)`` can be loose by up to the token count, so IO-Adam's
     best lr is about 10x AdamW's (the paper: 0.02-0.025 vs 0.002); ``adamw_lr`` sets the other
@@ -98,7 +122,8 @@ class IOAdam(LowMemOptimizer):
     Which weights: a 2-D trainable parameter that a plain ``nn.Linear`` or a Hugging Face
     ``Conv1D`` (GPT-2; state kept in its (n_in, n_out) layout) uses as its weight and that no
     other module registers, except dense ``nn.Embedding`` layers tied to a Linear weight (their
-    gradient is an outer-product sum too, see ``_io_stats``). Linear layers inside
+    gradient is an outer-product sum too; each use keeps its own statistics, see the module
+    docstring). Linear layers inside
     ``nn.MultiheadAttention`` and Linear subclasses with their own ``forward`` get AdamW. A weight
     used by code that bypasses the module (``F.linear(x, lin.weight)``) gets a gradient without
     statistics: the first such step raises an error; a partial bypass cannot be detected.
@@ -117,8 +142,9 @@ class IOAdam(LowMemOptimizer):
     ``fused_linear=True`` refuses a world size above 1. Under FSDP2 (``fully_shard``: weights sharded
     along dim 0, the output rows) each rank still sees the whole ``X`` and ``dY`` of its own
     micro-batch, so the statistics are captured and summed exactly as under DDP; then each rank
-    keeps the rows of ``R`` (sharded like the weight, as ``M`` is) that its shard of ``W`` needs,
-    and all of ``C`` (replicated). ``comm_bytes_per_step`` counts the bytes the sum sends.
+    keeps the rows of ``R`` (and of a tied embedding's ``Re``: the vocabulary is W's dim 0 for both
+    uses; sharded like the weight, as ``M`` is) that its shard of ``W`` needs, and all of ``C``
+    (and ``Ce``; replicated). ``comm_bytes_per_step`` counts the bytes the sum sends.
 
     Not compatible with an fp16 ``GradScaler`` (``R`` sees the scaled ``dY``, the unscale does
     not reach it, and fused updates happen before the inf check): use bf16. Gradient clipping
@@ -209,13 +235,17 @@ class IOAdam(LowMemOptimizer):
         params = {id(w): w for g in self.param_groups if g["io"] for w in g["params"]}
         # Weights stored (n_in, n_out) (HF Conv1D): R and C keep their meaning, W's dim 0 is C's.
         self._transposed = {w for pid, w in params.items() if transposed_layout(linears[pid])}
+        # Weights also used by an nn.Embedding: the embedding use keeps its own statistics.
+        self._tied = {w for pid, w in params.items() if pid in embeddings}
         self._hooks: StatsHooks | None = StatsHooks(self, linears, embeddings, params, self._fused_linear)
         weakref.finalize(self, self._hooks.remove)
 
     def _reset_transient(self) -> None:
-        # Per-step, unsaved: staged (out_sum, in_sum) per weight; weights whose M got this step's
+        # Per-step, unsaved: staged (out_sum, in_sum) per weight, of its Linear use and of its
+        # embedding use (tied weights: (count, sum |dE|^p)); weights whose M got this step's
         # fused contribution (and its b1 decay). Group index per IO weight, for the hooks.
         self._staged: dict[Tensor, list[Tensor]] = {}
+        self._staged_emb: dict[Tensor, list[Tensor]] = {}
         self._momentum_ready: set[Tensor] = set()
         self._io_group = {w: i for i, g in enumerate(self.param_groups) if g["io"] for w in g["params"]}
 
@@ -227,6 +257,7 @@ class IOAdam(LowMemOptimizer):
         if "_hooks" not in self.__dict__:
             self._fused_linear, self._hooks = False, None
         self.__dict__.setdefault("_transposed", set())
+        self.__dict__.setdefault("_tied", set())
         self._reset_transient()
 
     # -- the public extras ---------------------------------------------------------------------
@@ -249,11 +280,15 @@ class IOAdam(LowMemOptimizer):
         super().zero_grad(set_to_none)
         if not self._fused_linear:
             self._staged.clear()
+            self._staged_emb.clear()
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         """Load state (``load_state_dict``, after its pre-hooks): floating state is copied in the
         dtype it was saved in (torch casts it to the param dtype, which would round fp32 state of
-        bf16 params). Staged statistics are dropped."""
+        bf16 params). Staged statistics are dropped. A tied weight saved without the embedding
+        use's statistics (the format before they were kept apart: both uses summed into
+        ``out_stats``/``in_stats``) keeps those as the head use's and starts ``emb_*`` at zero
+        (the mixed sums only over-estimate the head's bound; they decay at ``b2``)."""
         super()._load_state(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [w for g in self.param_groups for w in g["params"]]
@@ -261,6 +296,10 @@ class IOAdam(LowMemOptimizer):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
                     self.state[w][key] = value.to(device=w.device, copy=True)
+        for w in self._tied:
+            state = self.state.get(w)
+            if state and "emb_out_stats" not in state:
+                self._init_emb_state(w, self.param_groups[self._io_group[w]])
         self._reset_transient()
 
     # -- called by the hooks (lowmem.optim._io_stats) ------------------------------------------
@@ -270,8 +309,9 @@ class IOAdam(LowMemOptimizer):
 
     def fsdp2_state_sharded(self, p: Tensor, key: str) -> bool | None:
         """How FSDP2 places ``key`` of ``p`` (for :func:`~lowmem.optim.sharded_state_bytes`): the
-        per-input-feature statistics are whole on every rank, the rest follows the rows rule."""
-        return False if key == ("out_stats" if p in self._transposed else "in_stats") else None
+        per-input-feature statistics (of both uses of a tied weight) are whole on every rank, the
+        rest follows the rows rule."""
+        return False if key in (("out_stats",) if p in self._transposed else ("in_stats", "emb_in_stats")) else None
 
     def _grad_stat_scale(self, exponent: float) -> float:
         """``world^-exponent``: a power sum of this rank's output gradients as a part of the global
@@ -287,10 +327,19 @@ class IOAdam(LowMemOptimizer):
         return state_dtype_for(w, self.param_groups[self._io_group[w]]["state_in_param_dtype"])
 
     def _stage_stats(self, w: Tensor, out_sum: Tensor, in_sum: Tensor) -> None:
-        staged = self._staged.get(w)
+        """Add one Linear call's ``(sum |dY|^q, sum |X|^p)`` to the sums staged for ``w``'s ``R``, ``C``."""
+        self._stage_into(self._staged, w, out_sum, in_sum)
+
+    def _stage_embedding_stats(self, w: Tensor, counts: Tensor, in_sum: Tensor) -> None:
+        """Add one Embedding call's ``(count(v), sum |dE|^p)`` to the sums staged for the embedding
+        use of the tied weight ``w`` (its ``Re``, ``Ce``)."""
+        self._stage_into(self._staged_emb, w, counts, in_sum)
+
+    def _stage_into(self, staged_sums: dict[Tensor, list[Tensor]], w: Tensor, out_sum: Tensor, in_sum: Tensor) -> None:
+        staged = staged_sums.get(w)
         if staged is None:
             dtype = self._state_dtype(w)
-            self._staged[w] = [out_sum.to(dtype=dtype, copy=True), in_sum.to(dtype=dtype, copy=True)]
+            staged_sums[w] = [out_sum.to(dtype=dtype, copy=True), in_sum.to(dtype=dtype, copy=True)]
         else:
             staged[0].add_(out_sum)
             staged[1].add_(in_sum)
@@ -329,10 +378,25 @@ class IOAdam(LowMemOptimizer):
             state["exp_avg"] = state_like(w, tuple(w.shape), dtype, sharded_rows=True)
             state["out_stats"] = state_like(w, (n_out, b), dtype, sharded_rows=not transposed)
             state["in_stats"] = state_like(w, (n_in, b), dtype, sharded_rows=transposed)
-            return
-        state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
-        state["out_stats"] = torch.zeros(n_out, b, dtype=dtype, device=w.device)
-        state["in_stats"] = torch.zeros(n_in, b, dtype=dtype, device=w.device)
+        else:
+            state["exp_avg"] = torch.zeros_like(w, dtype=dtype, memory_format=torch.preserve_format)
+            state["out_stats"] = torch.zeros(n_out, b, dtype=dtype, device=w.device)
+            state["in_stats"] = torch.zeros(n_in, b, dtype=dtype, device=w.device)
+        if w in self._tied:
+            self._init_emb_state(w, group)
+
+    def _init_emb_state(self, w: Tensor, group: dict[str, Any]) -> None:
+        """Zero ``Re`` (n_vocab x b: W's dim 0, sharded by rows like ``R`` under FSDP2) and ``Ce``
+        (n_in x b, whole on every rank) of the embedding use of the tied weight ``w``."""
+        dtype, b = self._state_dtype(w), group["buffer_size"]
+        n_out, n_in = self._io_sizes(w)  # a tied weight is never transposed (io_weights)
+        state = self.state[w]
+        if is_sharded(w):
+            state["emb_out_stats"] = state_like(w, (n_out, b), dtype, sharded_rows=True)
+            state["emb_in_stats"] = state_like(w, (n_in, b), dtype, sharded_rows=False)
+        else:
+            state["emb_out_stats"] = torch.zeros(n_out, b, dtype=dtype, device=w.device)
+            state["emb_in_stats"] = torch.zeros(n_in, b, dtype=dtype, device=w.device)
 
     def _all_reduce_statistics(self) -> None:
         """Sum this step's staged sums over the DDP/FSDP2 ranks (one all-reduce per dtype/device)."""
@@ -344,22 +408,28 @@ class IOAdam(LowMemOptimizer):
             for w in g["params"] if g["io"] else ():
                 buckets.setdefault((self._state_dtype(w), w.device), []).append(w)
         for (dtype, device), weights in buckets.items():
-            sizes = [n for w in weights for n in self._io_sizes(w)]  # n_out, n_in per weight: R's and C's sums
+            # n_out, n_in per use of each weight: R's and C's sums, then a tied weight's Re's and Ce's
+            uses = [(w, staged) for w in weights for staged in (self._staged, self._staged_emb)
+                    if staged is self._staged or w in self._tied]  # fmt: skip
+            sizes = [n for w, _ in uses for n in self._io_sizes(w)]
             flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
             parts = flat.split(sizes)
-            for i, w in enumerate(weights):
-                for part, staged in zip(parts[2 * i : 2 * i + 2], self._staged.get(w, ())):
+            for i, (w, staged_sums) in enumerate(uses):
+                for part, staged in zip(parts[2 * i : 2 * i + 2], staged_sums.get(w, ())):
                     part.copy_(staged)
             dist.all_reduce(flat)
             self.comm_bytes_per_step += flat.numel() * flat.element_size()
-            for i, w in enumerate(weights):
-                self._staged[w] = [parts[2 * i], parts[2 * i + 1]]
+            for i, (w, staged_sums) in enumerate(uses):
+                staged_sums[w] = [parts[2 * i], parts[2 * i + 1]]
 
     def _init_io_group(self, group: dict[str, Any]) -> tuple[list, ...]:
         """The weights of an IO group that step now (first list) and the arguments of ``io_adam``
         for them (local shards under FSDP2)."""
-        lists: tuple[list, ...] = tuple([] for _ in range(12))
-        owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = lists
+        lists: tuple[list, ...] = tuple([] for _ in range(16))
+        owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = (
+            lists[:12]
+        )
+        emb_out_stats, emb_in_stats, emb_out_sums, emb_in_sums = lists[12:]
         for i, w in enumerate(group["params"]):
             fused_part = w in self._momentum_ready
             if w.grad is None and not fused_part:
@@ -368,14 +438,10 @@ class IOAdam(LowMemOptimizer):
             state = self.state[w]
             if not state:
                 self._init_io_state(w, group)
-            staged = self._staged.get(w)
-            if is_sharded(w) and staged is not None:  # this rank's rows of the (full) staged sums of W's dim 0
-                start, rows = local_rows(w)
-                if w in self._transposed:
-                    staged = [staged[0], staged[1].narrow(0, start, rows)]
-                else:
-                    staged = [staged[0].narrow(0, start, rows), staged[1]]
-            if staged is None and w.grad is not None and not _local(state["in_stats"]).any() and _local(w.grad).any():
+            staged = self._local_rows_of(w, self._staged.get(w))
+            staged_emb = self._local_rows_of(w, self._staged_emb.get(w))
+            if (staged is None and staged_emb is None and w.grad is not None and not _local(state["in_stats"]).any()
+                    and _local(w.grad).any()):  # fmt: skip
                 name = group["param_names"][i] if "param_names" in group else f"of shape {tuple(w.shape)}"
                 raise RuntimeError(
                     f"IOAdam: the Linear weight {name} got a gradient but its module's forward never ran with grad: "
@@ -394,7 +460,22 @@ class IOAdam(LowMemOptimizer):
             slots.append(state["slot"])
             ready.append(fused_part)
             transposed.append(w in self._transposed)
+            tied = "emb_out_stats" in state
+            emb_out_stats.append(_local(state["emb_out_stats"]) if tied else None)
+            emb_in_stats.append(_local(state["emb_in_stats"]) if tied else None)
+            emb_out_sums.append(None if staged_emb is None else staged_emb[0])
+            emb_in_sums.append(None if staged_emb is None else staged_emb[1])
         return lists
+
+    def _local_rows_of(self, w: Tensor, staged: list[Tensor] | None) -> list[Tensor] | None:
+        """Staged ``(out_sum, in_sum)`` of ``w`` with the sum along W's dim 0 cut to this rank's
+        rows under FSDP2 (the staged sums are full: every rank sees its whole micro-batch)."""
+        if staged is None or not is_sharded(w):
+            return staged
+        start, rows = local_rows(w)
+        if w in self._transposed:
+            return [staged[0], staged[1].narrow(0, start, rows)]
+        return [staged[0].narrow(0, start, rows), staged[1]]
 
     def _init_adamw_group(self, group: dict[str, Any]) -> tuple[list, ...]:
         params, grads, exp_avgs, exp_avg_sqs, steps = lists = tuple([] for _ in range(5))
@@ -438,14 +519,17 @@ class IOAdam(LowMemOptimizer):
             beta1, beta2 = group["betas"]
             fast = use_fast_path(group["fused"], total_numel)
             if group["io"]:
+                lists = self._init_io_group(group)
                 owners, params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready, transposed = (
-                    self._init_io_group(group)
+                    lists[:12]
                 )
+                emb_out_stats, emb_in_stats, emb_out_sums, emb_in_sums = lists[12:]
                 io_adam(
                     params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums, steps, slots, ready,
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     p=group["p"], buffer_mode=group["buffer_mode"], transposed=transposed,
-                    fused=fast and not any(is_sharded(w) for w in owners),
+                    emb_out_stats=emb_out_stats, emb_in_stats=emb_in_stats, emb_out_sums=emb_out_sums,
+                    emb_in_sums=emb_in_sums, fused=fast and not any(is_sharded(w) for w in owners),
                 )  # fmt: skip
                 for w, k in zip(owners, slots):  # advance the slot once per processed step
                     self.state[w]["slot"] = (k + 1) % self.state[w]["in_stats"].shape[1]
@@ -456,6 +540,7 @@ class IOAdam(LowMemOptimizer):
                     eps=group["eps"], weight_decay=group["weight_decay"], fused=fast,
                 )  # fmt: skip
         self._staged.clear()
+        self._staged_emb.clear()
         self._momentum_ready.clear()
         return loss
 
@@ -474,6 +559,20 @@ def _denominator(out_stats: Tensor, in_stats: Tensor, p: float, buffer_mode: str
         return (c @ r.t() if transposed else r @ c.t()).sqrt_()
     r, c = out_stats.pow(1.0 / q), in_stats.pow(1.0 / p)  # per_slot: sum_k R_k^(1/q) (x) C_k^(1/p)
     return c @ r.t() if transposed else r @ c.t()
+
+
+def _tied_denominator(r: Tensor, c: Tensor, re: Tensor, ce: Tensor, p: float, buffer_mode: str) -> Tensor:
+    """``D_head + D_emb`` of a weight tied to an embedding (n_vocab x n_in, before bias
+    correction): each use's :func:`_denominator` from its own statistics (``R``, ``C`` of the
+    Linear use; ``Re`` = counts, ``Ce`` = sums of ``|dE|^p`` of the embedding use), added: by the
+    triangle inequality ``|G_head + G_emb| <= D_head + D_emb``."""
+    return _denominator(r, c, p, buffer_mode).add_(_denominator(re, ce, p, buffer_mode))
+
+
+def _commit(stats: Tensor | None, sums: Tensor | None, k: int, beta2: float) -> None:
+    """``stats[:, k] += (1-b2) sums`` (nothing when no sums arrived or the weight has no such use)."""
+    if stats is not None and sums is not None:
+        stats[:, k].add_(sums, alpha=1.0 - beta2)
 
 
 def io_adam(
@@ -496,6 +595,10 @@ def io_adam(
     p: float,
     buffer_mode: str,
     transposed: list[bool] | None = None,
+    emb_out_stats: list[Tensor | None] | None = None,
+    emb_in_stats: list[Tensor | None] | None = None,
+    emb_out_sums: list[Tensor | None] | None = None,
+    emb_in_sums: list[Tensor | None] | None = None,
     fused: bool = False,
 ) -> None:
     """Functional IO-Adam step (see the module docstring) on lists of weights and their state.
@@ -506,22 +609,31 @@ def io_adam(
     ``grads[i]`` (if any, e.g. from a tied embedding) is only added. ``grads[i]`` may be None.
     ``transposed[i]``: weight ``i`` is stored (n_in, n_out) (HF ``Conv1D``), and so are its ``M``
     and ``D``; R and C are the same (n_out x b, n_in x b) in either layout.
-    ``fused=True``: :func:`_io_adam_fast` (same maths, one pass, ``D`` never stored) for all
-    but the empty weights (the caller keeps FSDP2 shards on the loop).
+    ``emb_out_stats[i]``/``emb_in_stats[i]`` (None, or the lists None: no embedding use): the
+    embedding use's ``Re``, ``Ce`` of a weight tied to an embedding, with this step's
+    ``emb_out_sums[i]`` (token counts) / ``emb_in_sums[i]`` (``sum |dE|^p``); its ``D`` is then
+    ``D_head + D_emb`` (:func:`_tied_denominator`).
+    ``fused=True``: :func:`_io_adam_fast` (same maths, one pass, ``D`` never stored for untied
+    weights) for all but the empty weights (the caller keeps FSDP2 shards on the loop).
     """
-    transposed = transposed or [False] * len(params)
-    indices = range(len(params))
+    n = len(params)
+    transposed = transposed or [False] * n
+    emb_out_stats, emb_in_stats = emb_out_stats or [None] * n, emb_in_stats or [None] * n
+    emb_out_sums, emb_in_sums = emb_out_sums or [None] * n, emb_in_sums or [None] * n
+    indices = range(n)
     if fused:
         fast = [i for i in indices if params[i].numel() > 0]
         _io_adam_fast(
             *([x[i] for i in fast] for x in (params, grads, exp_avgs, out_stats, in_stats, out_sums, in_sums,
-                                             state_steps, slots, momentum_ready, transposed)),
+                                             state_steps, slots, momentum_ready, transposed, emb_out_stats,
+                                             emb_in_stats, emb_out_sums, emb_in_sums)),
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, p=p, buffer_mode=buffer_mode,
         )  # fmt: skip
         indices = [i for i in indices if params[i].numel() == 0]
     for i in indices:
         w = params[i]
         grad, exp_avg, r, c, step_t = grads[i], exp_avgs[i], out_stats[i], in_stats[i], state_steps[i]
+        re, ce = emb_out_stats[i], emb_in_stats[i]
         step_t += 1
         t = step_t.item()
         if not momentum_ready[i]:
@@ -529,17 +641,20 @@ def io_adam(
         if grad is not None:
             exp_avg.add_(grad.to(exp_avg.dtype), alpha=1.0 - beta1)
         k = slots[i]
-        if out_sums[i] is not None:
-            r[:, k].add_(out_sums[i], alpha=1.0 - beta2)
-            c[:, k].add_(in_sums[i], alpha=1.0 - beta2)
-        denom = _denominator(r, c, p, buffer_mode, transposed[i]).add_(eps)
+        for stats, sums in ((r, out_sums[i]), (c, in_sums[i]), (re, emb_out_sums[i]), (ce, emb_in_sums[i])):
+            _commit(stats, sums, k, beta2)
+        if re is None:
+            denom = _denominator(r, c, p, buffer_mode, transposed[i]).add_(eps)
+        else:
+            denom = _tied_denominator(r, c, re, ce, p, buffer_mode).add_(eps)
         step_size = lr * (1.0 - beta2**t) / (1.0 - beta1**t)
         w_work = w if w.dtype == exp_avg.dtype else w.to(exp_avg.dtype)
         w_work.mul_(1.0 - lr * weight_decay).addcdiv_(exp_avg, denom, value=-step_size)
         if w_work is not w:
             w.copy_(w_work)
-        r.mul_(beta2)
-        c.mul_(beta2)
+        for stats in (r, c, re, ce):
+            if stats is not None:
+                stats.mul_(beta2)
 
 
 # --------------------------------------------------------------------------- the fast path (fused=True)
@@ -576,13 +691,15 @@ def _io_factors(r: Tensor, c: Tensor, p: float, buffer_mode: str, transposed: bo
 def _io_adam_fast(
     params: list[Tensor], grads: list[Tensor | None], exp_avgs: list[Tensor], out_stats: list[Tensor],
     in_stats: list[Tensor], out_sums: list[Tensor | None], in_sums: list[Tensor | None], state_steps: list[Tensor],
-    slots: list[int], momentum_ready: list[bool], transposed: list[bool], *, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, p: float, buffer_mode: str,
+    slots: list[int], momentum_ready: list[bool], transposed: list[bool], emb_out_stats: list[Tensor | None],
+    emb_in_stats: list[Tensor | None], emb_out_sums: list[Tensor | None], emb_in_sums: list[Tensor | None], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, p: float, buffer_mode: str,
 ) -> None:  # fmt: skip
     """:func:`io_adam`'s step in one pass per weight (see ``lowmem_ioadam_f32``): the statistics
     commit and decay and the step counts as a few small ops for all weights; float32 contiguous
     CPU weights in one native call that never stores ``D``; the others (other dtypes, devices,
-    layouts) one at a time, ``D`` from one GEMM (the n x m temporary) and the update compiled."""
+    layouts) and the weights tied to an embedding (``D = D_head + D_emb``, two roots the kernel
+    does not take) one at a time, ``D`` from GEMMs (the n x m temporary) and the update compiled."""
     if not params:
         return
     steps = {}
@@ -590,16 +707,17 @@ def _io_adam_fast(
         for i in positions:
             steps[i] = t
     for i in range(len(params)):
-        if out_sums[i] is not None:
-            out_stats[i][:, slots[i]].add_(out_sums[i], alpha=1.0 - beta2)
-            in_stats[i][:, slots[i]].add_(in_sums[i], alpha=1.0 - beta2)
+        for stats, sums in ((out_stats[i], out_sums[i]), (in_stats[i], in_sums[i]),
+                            (emb_out_stats[i], emb_out_sums[i]), (emb_in_stats[i], emb_in_sums[i])):  # fmt: skip
+            _commit(stats, sums, slots[i], beta2)
     decay = 1.0 - lr * weight_decay
     root = buffer_mode == "paper"
     step_sizes = [lr * (1.0 - beta2 ** steps[i]) / (1.0 - beta1 ** steps[i]) for i in range(len(params))]
     m_decays = [1.0 if momentum_ready[i] else beta1 for i in range(len(params))]
     factors = [_io_factors(out_stats[i], in_stats[i], p, buffer_mode, transposed[i]) for i in range(len(params))]
     grads = [None if g is None else g.to(exp_avgs[i].dtype) for i, g in enumerate(grads)]
-    native = [i for i in range(len(params)) if _native.native_ok(params[i], exp_avgs[i], *factors[i])
+    native = [i for i in range(len(params)) if emb_out_stats[i] is None
+              and _native.native_ok(params[i], exp_avgs[i], *factors[i])
               and (grads[i] is None or _native.native_ok(grads[i]))]  # fmt: skip
     lib = _dispatch.native_library() if native else None
     if lib is None:
@@ -622,10 +740,15 @@ def _io_adam_fast(
     for i in range(len(params)):
         if i in done:
             continue
-        a, b = factors[i]
-        d = a @ b.t()
+        if emb_out_stats[i] is None:
+            a, b = factors[i]
+            d, take_root = a @ b.t(), root
+        else:  # D itself: the root of each use's sum (paper), or the sum of both sums of roots
+            d, take_root = _tied_denominator(out_stats[i], in_stats[i], emb_out_stats[i], emb_in_stats[i], p,
+                                             buffer_mode), False  # fmt: skip
         grad = d if grads[i] is None else grads[i]
         scalars = dict(m_decay=m_decays[i], one_minus_beta1=0.0 if grads[i] is None else 1.0 - beta1, decay=decay,
                        step_size=step_sizes[i], eps=eps)  # fmt: skip
-        _IO_ADAM_FAST([[params[i]], [grad], [exp_avgs[i]], [d]], scalars, {"root": root})
-    torch._foreach_mul_(out_stats + in_stats, beta2)
+        _IO_ADAM_FAST([[params[i]], [grad], [exp_avgs[i]], [d]], scalars, {"root": take_root})
+    tied_stats = [t for t in emb_out_stats + emb_in_stats if t is not None]
+    torch._foreach_mul_(out_stats + in_stats + tied_stats, beta2)
