@@ -246,10 +246,10 @@ def plot_family(family: str, runs: list[dict], steps: int, path: Path, note: str
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(13, 4.6))
     window = max(1, steps // 10)
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20")
     for i, variant in enumerate(v for v in VARIANTS if any(r["variant"] == v for r in runs)):
         group = [r for r in runs if r["variant"] == variant]
-        style = {"color": colors(i % 10), "label": VARIANTS[variant][0],
+        style = {"color": colors(i % 20), "label": VARIANTS[variant][0],
                  "linestyle": "--" if variant.startswith(("hmadamw-", "adams-", "slimadamw-", "adapm-")) else "-"}  # fmt: skip
         s, v = mean_curve(group)
         ax_train.plot(s, _smooth(v, window), **style)
@@ -305,15 +305,15 @@ def plot_sensitivity(family: str, runs: list[dict], grid_seed: int, path: Path) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20")
     best = best_factors([r for r in runs if r["seed"] == grid_seed])
     for i, variant in enumerate(v for v in VARIANTS if any(r["variant"] == v for r in runs)):
         grid = sorted((r["lr"], r["final_val"]) for r in runs if r["variant"] == variant and r["seed"] == grid_seed)
-        ax.plot([x for x, _ in grid], [y for _, y in grid], marker="o", color=colors(i % 10), label=VARIANTS[variant][0])
+        ax.plot([x for x, _ in grid], [y for _, y in grid], marker="o", color=colors(i % 20), label=VARIANTS[variant][0])
         at_best = [r for r in runs if r["variant"] == variant and r["lr_factor"] == best.get((family, variant))]
         if len(at_best) > 1:
             vals = [r["final_val"] for r in at_best]
-            ax.errorbar([at_best[0]["lr"]], [statistics.fmean(vals)], yerr=[statistics.stdev(vals)], color=colors(i % 10),
+            ax.errorbar([at_best[0]["lr"]], [statistics.fmean(vals)], yerr=[statistics.stdev(vals)], color=colors(i % 20),
                         marker="*", ms=11, capsize=4)  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")  # diverged lrs end near the initial loss, orders of magnitude above the best
