@@ -53,6 +53,16 @@ def test_flat_views_follow_memory_order():
     assert flat_views([torch.randn(8)[::2], torch.randn(4)]) is None
 
 
+def _assert_eager_results(lists, expected, *, double: bool) -> None:
+    """``lists`` equal, bit for bit, ``expected`` after the eager kernel's two steps (lr 0.1, 0.2)."""
+    for lr in (0.1, 0.2):
+        for p, g, v in zip(*expected):
+            _toy_kernel(p, g, v, lr=torch.tensor(lr), beta=torch.tensor(0.9), double=double)
+    for got, want in zip(lists, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 def test_foreach_tier_chunks_and_matches_the_eager_kernel_bit_for_bit(monkeypatch):
     """Without the compiled tier the kernel runs as foreach ops, silently (nothing failed), over
     chunks of a few elements (tensors cut along dim 0, one of them in another layout), with the
@@ -64,12 +74,7 @@ def test_foreach_tier_chunks_and_matches_the_eager_kernel_bit_for_bit(monkeypatc
         warnings.simplefilter("error")
         for lr in (0.1, 0.2):
             runner(lists, {"lr": lr, "beta": 0.9}, {"double": True})
-    for lr in (0.1, 0.2):
-        for p, g, v in zip(*expected):
-            _toy_kernel(p, g, v, lr=torch.tensor(lr), beta=torch.tensor(0.9), double=True)
-    for got, want in zip(lists, expected):
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+    _assert_eager_results(lists, expected, double=True)
 
 
 def test_foreach_tier_broadcasts_and_runs_other_ops_index_by_index():
@@ -105,12 +110,7 @@ def test_compile_failure_warns_once_then_takes_the_foreach_tier():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once only
             runner(lists, {"lr": 0.2, "beta": 0.9}, {"double": False})
-    for lr in (0.1, 0.2):
-        for p, g, v in zip(*expected):
-            _toy_kernel(p, g, v, lr=torch.tensor(lr), beta=torch.tensor(0.9), double=False)
-    for got, want in zip(lists, expected):
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+    _assert_eager_results(lists, expected, double=False)
 
 
 def _raise(*args, **kwargs):

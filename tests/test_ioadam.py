@@ -704,6 +704,31 @@ def _threaded_all_reduce(world: int):
     return all_reduce, local
 
 
+def _average_and_step_replicas(nets, opts, local) -> None:
+    """DDP's gradient average over the replicas' ``.grad``, then each replica's ``step()`` in its
+    own thread (``local.rank`` set), so the optimizers' all-reduces meet as on real ranks."""
+    world = len(nets)
+    for params in zip(*(n.parameters() for n in nets)):
+        mean = sum(q.grad for q in params) / world
+        for q in params:
+            q.grad = mean.clone()
+    errors = []
+
+    def step(r):
+        local.rank = r
+        try:
+            opts[r].step()
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=step, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("p", [2.0, 3.0])
 def test_ddp_statistics_are_averaged_and_match_one_process_on_the_whole_batch(monkeypatch, p):
     """Two replicas (threads) on two halves of each batch, gradients averaged as DDP does and
@@ -723,25 +748,7 @@ def test_ddp_statistics_are_averaged_and_match_one_process_on_the_whole_batch(mo
         for r in range(world):
             opts[r].zero_grad()
             F.mse_loss(nets[r](x.chunk(world)[r]), y.chunk(world)[r]).backward()
-        for params in zip(*(n.parameters() for n in nets)):  # DDP's gradient average
-            mean = sum(q.grad for q in params) / world
-            for q in params:
-                q.grad = mean.clone()
-        errors = []
-
-        def step(r):
-            local.rank = r
-            try:
-                opts[r].step()
-            except Exception as e:  # noqa: BLE001 - surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=step, args=(r,)) for r in range(world)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=30)
-        assert not errors, errors
+        _average_and_step_replicas(nets, opts, local)
     for a, b, ref in zip(nets[0].parameters(), nets[1].parameters(), single.parameters()):
         assert torch.equal(a, b)  # replicas never drift
         assert rel_err(a.detach(), ref.detach()) < 1e-10
@@ -770,25 +777,7 @@ def test_ddp_tied_embedding_statistics_match_one_process(monkeypatch):
             opts[r].zero_grad()
             part = ids.chunk(world)[r]  # each rank's mean loss: the global mean is their average
             F.cross_entropy(nets[r](part).reshape(-1, VOCAB), part.reshape(-1)).backward()
-        for params in zip(*(n.parameters() for n in nets)):  # DDP's gradient average
-            mean = sum(q.grad for q in params) / world
-            for q in params:
-                q.grad = mean.clone()
-        errors = []
-
-        def step(r):
-            local.rank = r
-            try:
-                opts[r].step()
-            except Exception as e:  # noqa: BLE001 - surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=step, args=(r,)) for r in range(world)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=30)
-        assert not errors, errors
+        _average_and_step_replicas(nets, opts, local)
     assert opts[0].comm_bytes_per_step == 8 * (2 * (VOCAB + WIDTH) + 2 * WIDTH)  # float64: head, embedding, fc
     for (name, a), b_, ref in zip(nets[0].named_parameters(), nets[1].parameters(), single.parameters()):
         assert torch.equal(a, b_), name
