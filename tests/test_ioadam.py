@@ -350,8 +350,9 @@ def run_tied(lm, data, **kw):
 @pytest.mark.parametrize("mode, p", [("paper", 2.0), ("per_slot", 3.0)])
 def test_tied_embedding_matches_dense_float64_reference(mode, p, fused, backend, request):
     """A weight tied between an embedding and the LM head against the float64 spec, on every
-    backend (the tied weight takes the GEMM path of the fast step, fc.weight the native kernel),
-    with the head's statistics from hooks or from the fused backward."""
+    backend (native: both weights in one call of the native kernel, the tied one with the
+    embedding use's factors as its second pair), with the head's statistics from hooks or from
+    the fused backward."""
     dtype, fast_step, tol = use_backend(backend, request)
     steps, b = 60, 3
     torch.manual_seed(0)
@@ -592,6 +593,22 @@ def test_float32_cpu_weights_take_the_native_kernels(monkeypatch):
     net(torch.randn(3, IN)).square().mean().backward()
     opt.step()
     assert {"lowmem_ioadam_f32", "lowmem_adamw_f32"} <= used
+
+
+def test_float32_tied_weight_takes_the_native_kernel_not_the_gemm_path(monkeypatch):
+    """A weight tied to an embedding (D = D_head + D_emb, one root per use) runs in the native
+    kernel with its untied neighbours: the GEMM path (which stores the n x m ``D``) never runs."""
+    from lowmem.optim import ioadam
+
+    def gemm_path(*args, **kwargs):
+        raise AssertionError("a float32 CPU weight took the GEMM path")
+
+    monkeypatch.setattr(ioadam, "_IO_ADAM_FAST", gemm_path)
+    for mode in ("paper", "per_slot"):
+        torch.manual_seed(0)
+        lm = TiedLM()
+        opt = run_tied(lm, tied_batches(2, seed=3), buffer_size=2, buffer_mode=mode, fused=True, **HP)
+        assert "emb_out_stats" in opt.state[lm.wte.weight] and opt.state[lm.wte.weight]["step"].item() == 2
 
 
 # ------------------------------------------------------------------ which weights, errors

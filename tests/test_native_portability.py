@@ -101,13 +101,16 @@ def _power_sum(lib, gen) -> list[torch.Tensor]:
 
 def _ioadam(lib, gen) -> list[torch.Tensor]:
     """Rows split across the threads by elements; tiles of 64 columns (AVX + FMA with
-    -march=native on x86) and a remainder."""
-    shapes = [(13, 70, 4), (5, 130, 3)]  # rows, cols, slots
-    w, g, m = ([torch.randn(r, c, generator=gen) for r, c, _ in shapes] for _ in range(3))
-    a = [torch.rand(r, b, generator=gen) for r, _, b in shapes]
-    bt = [torch.rand(b, c, generator=gen) for _, c, b in shapes]
-    rows, cols, slots = (_native.int64_array(s[k] for s in shapes) for k in range(3))
-    status = lib.lowmem_ioadam_f32(len(shapes), rows, cols, slots, *map(_native.pointer_array, (w, g, m, a, bt)),
+    -march=native on x86) and a remainder; the second weight tied (a second factor pair)."""
+    shapes = [(13, 70, 4, 0), (5, 130, 3, 2)]  # rows, cols, slots, slots of the second pair
+    w, g, m = ([torch.randn(r, c, generator=gen) for r, c, _, _ in shapes] for _ in range(3))
+    a = [torch.rand(r, b, generator=gen) for r, _, b, _ in shapes]
+    bt = [torch.rand(b, c, generator=gen) for _, c, b, _ in shapes]
+    a2 = [torch.rand(r, b2, generator=gen) if b2 else None for r, _, _, b2 in shapes]
+    bt2 = [torch.rand(b2, c, generator=gen) if b2 else None for _, c, _, b2 in shapes]
+    rows, cols, slots, slots2 = (_native.int64_array(s[k] for s in shapes) for k in range(4))
+    status = lib.lowmem_ioadam_f32(len(shapes), rows, cols, slots, slots2,
+                                   *map(_native.pointer_array, (w, g, m, a, bt, a2, bt2)),
                                    _native.float_array([0.9, 0.95]), _native.float_array([1e-3, 2e-3]),
                                    _native.int32_array([1, 0]), 0.999, 0.1, 1e-8, THREADS)  # fmt: skip
     _native.check_status(status, "ioadam")

@@ -105,8 +105,9 @@ _SIGNATURES = {
                          *[ctypes.c_float] * 8, ctypes.c_int],
     "lowmem_fanout_mean_sq_f32": [*[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
     "lowmem_power_sum_f32": [*[ctypes.c_int64] * 2, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int],
-    # IO-Adam (lowmem.optim.ioadam): n, rows, cols, slots, w, g, m, a, bt, m_decay, step_size, root, 3 scalars, threads
-    "lowmem_ioadam_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 3, *[ctypes.POINTER(ctypes.c_void_p)] * 5,
+    # IO-Adam (lowmem.optim.ioadam): n, rows, cols, slots, slots2, w, g, m, a, bt, a2, bt2, m_decay, step_size, root,
+    # 3 scalars, threads
+    "lowmem_ioadam_f32": [ctypes.c_int, *[ctypes.POINTER(ctypes.c_int64)] * 4, *[ctypes.POINTER(ctypes.c_void_p)] * 7,
                           *[ctypes.POINTER(ctypes.c_float)] * 2, ctypes.POINTER(ctypes.c_int), *[ctypes.c_float] * 3,
                           ctypes.c_int],
 }  # fmt: skip

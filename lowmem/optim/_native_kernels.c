@@ -373,6 +373,8 @@ int lowmem_fanout_mean_sq_f32(int64_t outer, int64_t n, int64_t inner, const flo
  * both already raised to their powers (2/q and 2/p for buffer_mode "paper", 1/q and 1/p for
  * "per_slot"):
  *   D = sum_k a[:, k] (x) bt[k, :]   (then sqrt for "paper": root[i] = 1)
+ *   D += sum_k a2[:, k] (x) bt2[k, :] (then sqrt: its own root) when slots2[i] > 0: a weight tied
+ *                                     to an embedding, D = D_head + D_emb (a2: rows x slots2[i])
  *   m = m_decay[i] m + (1-b1) g      (g may be NULL: the fused backward already added it)
  *   w = w * decay - step_size[i] * m / (D + eps)
  * D is never stored: each row is built in tiles of 64 columns (AVX + FMA; IO_TILE otherwise) whose
@@ -431,40 +433,54 @@ static inline void lowmem_io_tile(const float *restrict a, const float *restrict
     }
 }
 
-int lowmem_ioadam_f32(int n, const int64_t *rows, const int64_t *cols, const int64_t *slots, float **w, float **g,
-                      float **m, float **a, float **bt, const float *m_decay, const float *step_size,
-                      const int *root, float decay, float one_minus_beta1, float eps, int threads) {
+/* acc[0..tc) = one use's D over a tile of tc columns: the sum over its b slots, then its root if
+ * root (buffer_mode "paper"). */
+static inline void lowmem_io_denominator(const float *restrict a, const float *restrict bt, int64_t C, int64_t b,
+                                         int64_t tc, int root, float *restrict acc) {
+#if defined(__AVX__) && defined(__FMA__)
+    if (tc == 64)
+        lowmem_io_tile64(a, bt, C, b, acc);
+    else
+#endif
+        lowmem_io_tile(a, bt, C, b, tc, acc);
+    if (root) {
+#pragma omp simd
+        for (int64_t c = 0; c < tc; c++) acc[c] = sqrtf(acc[c]);
+    }
+}
+
+int lowmem_ioadam_f32(int n, const int64_t *rows, const int64_t *cols, const int64_t *slots,
+                      const int64_t *slots2, float **w, float **g, float **m, float **a, float **bt, float **a2,
+                      float **bt2, const float *m_decay, const float *step_size, const int *root, float decay,
+                      float one_minus_beta1, float eps, int threads) {
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += rows[i] * cols[i];
 #pragma omp parallel num_threads(threads)
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t begin = total * t / nt, end = total * (t + 1) / nt;
-        float acc[IO_TILE];
+        float acc[IO_TILE], acc2[IO_TILE];
         int64_t offset = 0;
         for (int i = 0; i < n; offset += rows[i] * cols[i], i++) {
-            const int64_t C = cols[i], R = rows[i], b = slots[i];
+            const int64_t C = cols[i], R = rows[i], b = slots[i], b2 = slots2[i];
             if (C == 0 || R == 0) continue;
             int64_t r0 = begin > offset ? (begin - offset + C - 1) / C : 0;
             int64_t r1 = end > offset ? (end - offset + C - 1) / C : 0;
             if (r1 > R) r1 = R;
             const float md = m_decay[i], ss = step_size[i];
-            const float *restrict bti = bt[i];
+            const float *restrict bti = bt[i], *restrict bt2i = b2 > 0 ? bt2[i] : NULL;
             for (int64_t r = r0; r < r1; r++) {
                 float *restrict wr = w[i] + r * C, *restrict mr = m[i] + r * C;
                 const float *restrict gr = g[i] ? g[i] + r * C : NULL;
                 const float *restrict ar = a[i] + r * b;
+                const float *restrict a2r = b2 > 0 ? a2[i] + r * b2 : NULL;
                 for (int64_t c0 = 0; c0 < C; c0 += LOWMEM_IO_STEP) {
                     const int64_t tc = C - c0 < LOWMEM_IO_STEP ? C - c0 : LOWMEM_IO_STEP;
-#if defined(__AVX__) && defined(__FMA__)
-                    if (tc == 64)
-                        lowmem_io_tile64(ar, bti + c0, C, b, acc);
-                    else
-#endif
-                        lowmem_io_tile(ar, bti + c0, C, b, tc, acc);
-                    if (root[i]) {
+                    lowmem_io_denominator(ar, bti + c0, C, b, tc, root[i], acc);
+                    if (a2r) {
+                        lowmem_io_denominator(a2r, bt2i + c0, C, b2, tc, root[i], acc2);
 #pragma omp simd
-                        for (int64_t c = 0; c < tc; c++) acc[c] = sqrtf(acc[c]);
+                        for (int64_t c = 0; c < tc; c++) acc[c] += acc2[c];
                     }
                     float *restrict wc = wr + c0, *restrict mc = mr + c0;
                     if (gr) {

@@ -697,9 +697,10 @@ def _io_adam_fast(
 ) -> None:  # fmt: skip
     """:func:`io_adam`'s step in one pass per weight (see ``lowmem_ioadam_f32``): the statistics
     commit and decay and the step counts as a few small ops for all weights; float32 contiguous
-    CPU weights in one native call that never stores ``D``; the others (other dtypes, devices,
-    layouts) and the weights tied to an embedding (``D = D_head + D_emb``, two roots the kernel
-    does not take) one at a time, ``D`` from GEMMs (the n x m temporary) and the update compiled."""
+    CPU weights, tied or not, in one native call that never stores ``D`` (a weight tied to an
+    embedding passes the embedding use's factors as a second pair: ``D = D_head + D_emb``, each
+    use's root taken apart); the others (other dtypes, devices, layouts) one at a time, ``D`` from
+    GEMMs (the n x m temporary) and the update compiled."""
     if not params:
         return
     steps = {}
@@ -715,22 +716,28 @@ def _io_adam_fast(
     step_sizes = [lr * (1.0 - beta2 ** steps[i]) / (1.0 - beta1 ** steps[i]) for i in range(len(params))]
     m_decays = [1.0 if momentum_ready[i] else beta1 for i in range(len(params))]
     factors = [_io_factors(out_stats[i], in_stats[i], p, buffer_mode, transposed[i]) for i in range(len(params))]
+    emb_factors = [None if emb_out_stats[i] is None else _io_factors(emb_out_stats[i], emb_in_stats[i], p, buffer_mode,
+                                                                     False) for i in range(len(params))]  # fmt: skip
     grads = [None if g is None else g.to(exp_avgs[i].dtype) for i, g in enumerate(grads)]
-    native = [i for i in range(len(params)) if emb_out_stats[i] is None
-              and _native.native_ok(params[i], exp_avgs[i], *factors[i])
+    native = [i for i in range(len(params)) if _native.native_ok(params[i], exp_avgs[i], *factors[i])
+              and (emb_factors[i] is None or _native.native_ok(*emb_factors[i]))
               and (grads[i] is None or _native.native_ok(grads[i]))]  # fmt: skip
     lib = _dispatch.native_library() if native else None
     if lib is None:
         native = []
     else:
         bts = [factors[i][1].t().contiguous() for i in native]  # b x cols: each slot's column factors in a row
+        pairs2 = [(None, None) if emb_factors[i] is None else (emb_factors[i][0], emb_factors[i][1].t().contiguous())
+                  for i in native]  # fmt: skip
         status = lib.lowmem_ioadam_f32(
             len(native), _native.int64_array(params[i].shape[0] for i in native),
             _native.int64_array(params[i].shape[1] for i in native),
             _native.int64_array(factors[i][0].shape[1] for i in native),
+            _native.int64_array(0 if a2 is None else a2.shape[1] for a2, _ in pairs2),
             _native.pointer_array(params[i] for i in native), _native.pointer_array(grads[i] for i in native),
             _native.pointer_array(exp_avgs[i] for i in native), _native.pointer_array(factors[i][0] for i in native),
-            _native.pointer_array(bts), _native.float_array(m_decays[i] for i in native),
+            _native.pointer_array(bts), _native.pointer_array(a2 for a2, _ in pairs2),
+            _native.pointer_array(bt2 for _, bt2 in pairs2), _native.float_array(m_decays[i] for i in native),
             _native.float_array(step_sizes[i] for i in native), _native.int32_array([int(root)] * len(native)),
             decay, 1.0 - beta1, eps, torch.get_num_threads(),
         )  # fmt: skip
