@@ -347,3 +347,17 @@ def test_log_every_n_steps_zero_trains_without_step_logs(tmp_path):
                           "--trainer.log_every_n_steps=0", "--trainer.limit_val_batches=1",
                           "--trainer.enable_progress_bar=false"])  # fmt: skip
     assert cli.trainer.global_step == 2
+
+
+def test_a_fit_refused_at_setup_leaves_no_empty_log_folder(tmp_path, capsys):
+    """The Trainer is built (and its version_N folder reserved) before the optimizer strategy's
+    checks refuse it: the refused run removes the folder it reserved, a trained one keeps its own."""
+    hmadamw = str(ROOT / "configs" / "cnn_hmadamw.yaml")
+    main(["fit", "--config", hmadamw, *FAST, "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", hmadamw, *FAST, "--trainer.gradient_clip_val=1",
+              "--trainer.gradient_clip_algorithm=value"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "trainer.gradient_clip_algorithm=value would clip" in err
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints").is_dir()

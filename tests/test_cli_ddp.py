@@ -192,6 +192,22 @@ def test_fsdp2_refuses_an_optimizer_that_cannot_run_on_shards_in_one_line(tmp_pa
 
 
 @pytest.mark.distributed
+def test_ddp_refuses_ioadam_fused_linear_in_one_line_and_leaves_no_log_folder(tmp_path):
+    """IOAdam(fused_linear=True) is single-process only: on 2 ranks the strategy's check refuses it
+    in configure_optimizers, before the optimizer's own guard would raise from deep inside the
+    setup, and the version folder the refused run reserved is removed again."""
+    config = yaml.safe_load(write_config(tmp_path / "config.yaml", "IOAdam").read_text())
+    config["model"]["init_args"]["optimizer"]["init_args"]["fused_linear"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_two_ranks(tmp_path / "config.yaml", tmp_path, "ddp")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lowmem: error:")]
+    assert errors and all("fused_linear" in line and "world size is 2" in line for line in errors), errors
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "lightning_logs").glob("version_*"))
+
+
+@pytest.mark.distributed
 def test_one_process_at_half_the_batch_ends_elsewhere(tmp_path, monkeypatch):
     """The control of the equivalence test: at the per-rank batch, one process trains differently,
     so the 1e-4 tolerance above does detect a wrong global batch."""

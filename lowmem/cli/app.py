@@ -360,6 +360,24 @@ class LowMemCLI(LightningCLI):
             print(f"lowmem {stage}: logs in {log_dir}")
 
 
+# version_N folders this process reserved (rank 0): a run refused at setup leaves no empty one behind.
+_RESERVED_LOG_DIRS: list[Path] = []
+
+
+def _discard_unused_log_dirs() -> None:
+    """Remove the ``version_N`` folders this run reserved if nothing was trained into them: no
+    checkpoint and no logged scalar (the config copy and an hparams-only event file of a run
+    refused at setup). A folder with either is kept."""
+    import shutil
+
+    from lowmem.cli.compare import read_scalars
+
+    for folder in _RESERVED_LOG_DIRS:
+        if folder.is_dir() and not (folder / "checkpoints").exists() and not read_scalars(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+    _RESERVED_LOG_DIRS.clear()
+
+
 def _reserve_log_version(trainer: Trainer) -> None:
     """Give a TensorBoard logger without a fixed version the first free ``version_N`` folder,
     created at once (``mkdir`` fails if it exists): two runs started together in one folder would
@@ -378,6 +396,7 @@ def _reserve_log_version(trainer: Trainer) -> None:
     while True:
         try:
             (root / f"version_{version}").mkdir()
+            _RESERVED_LOG_DIRS.append(root / f"version_{version}")
             break
         except FileExistsError:
             version += 1
@@ -454,10 +473,12 @@ def main(args: ArgsType = None) -> None:
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
     if argv[:1] == ["compare"]:
         raise SystemExit(compare_main(argv[1:]))
+    _RESERVED_LOG_DIRS.clear()
     try:
         LowMemCLI(args=args)
     except (ConfigError, StrategyError, MisconfigurationException) as err:
         _close_process_group(wait_for_peers=False)
+        _discard_unused_log_dirs()
         print(f"lowmem: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingDiverged as err:
@@ -468,6 +489,7 @@ def main(args: ArgsType = None) -> None:
         _close_process_group(wait_for_peers=False)
         if not lightning_config_error(err):
             raise
+        _discard_unused_log_dirs()
         print(f"lowmem: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except BaseException:

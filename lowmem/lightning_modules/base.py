@@ -95,6 +95,8 @@ class LowMemModule(FoldedMomentumMixin, pl.LightningModule):
 
     # --- optimization ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        if self._trainer is not None:  # refuse the Trainer's setup before the optimizer's own checks raise
+            self.optimizer_strategy.check(self.trainer)
         try:
             optimizer = self.optimizer_strategy.build(self)
         except (ValueError, TypeError) as err:

@@ -142,9 +142,10 @@ def clip_gradients(module: Any, optimizer: Optimizer, clip_val: float | None, al
         group["max_momentum_norm"] = float(clip_val)
 
 
-def _value_clipping_message(name: str, algorithm: str) -> str:
+def _value_clipping_message(name: str, algorithm: Any) -> str:
+    algorithm = getattr(algorithm, "value", algorithm)  # Lightning's GradClipAlgorithmType: its string
     return (
-        f"{name} keeps its momentum in .grad; gradient_clip_algorithm={algorithm!r} would clip the momentum "
+        f"{name} keeps its momentum in .grad; trainer.gradient_clip_algorithm={algorithm} would clip the momentum "
         "history element-wise. Use gradient_clip_algorithm=norm (clips the momentum's global norm, gradient units) "
         "or no clipping."
     )
