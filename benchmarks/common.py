@@ -211,7 +211,7 @@ def log(message: str) -> None:
 # --- configs -------------------------------------------------------------------------------------
 CONFIGS = REPO / "configs"
 FAMILIES = ("cnn", "lm", "diffusion")
-CONFIG_OPTIMIZERS = ("adamw", "hmadamw", "adams", "slimadamw", "adapm", "ioadam", "adammini")
+CONFIG_OPTIMIZERS = ("adamw", "hmadamw", "adams", "slimadamw", "adapm", "ioadam", "adammini", "adafactor")
 
 
 def load_config(path: Path, overrides: Sequence[str] = (), root: Path | None = None) -> Any:

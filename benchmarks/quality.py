@@ -74,6 +74,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "adapm-mini": ("AdaPM-mini", "adapm", [f"{_OPT}.second_moment=mini"]),
     "adammini": ("Adam-mini", "adammini", []),
     "ioadam": ("IO-Adam", "ioadam", []),
+    "adafactor": ("Adafactor", "adafactor", []),
 }
 DEFAULT_STEPS = {"cnn": 152, "lm": 300, "diffusion": 190}  # the configs' own lengths (8, -, 10 epochs)
 _FAMILY_OVERRIDES = {

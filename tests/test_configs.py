@@ -12,7 +12,7 @@ from lowmem.cli import LowMemCLI, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 FAMILIES = ("cnn", "lm", "diffusion")
-OPTIMIZERS = ("adamw", "hmadamw", "adams", "slimadamw", "adapm", "ioadam", "adammini")
+OPTIMIZERS = ("adamw", "hmadamw", "adams", "slimadamw", "adapm", "ioadam", "adammini", "adafactor")
 TINY = {  # a few steps of a smaller model: the point is that every config runs, not what it learns
     "cnn": ["--model.init_args.widths=[8,16]"],
     "lm": ["--model.init_args.n_embd=32", "--data.init_args.max_bytes=20000"],
