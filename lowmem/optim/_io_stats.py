@@ -10,10 +10,10 @@ tokens (every leading dimension of ``X``/``dY`` counts as tokens)::
 How they are captured (``fused_linear=False``):
 
 - a forward hook reduces ``X`` to ``in_sum`` at once (``X`` itself is never kept: only an n_in
-  vector lives on) and registers a *tensor hook on the output* (on its base when the output is a
-  view, see :func:`_hook_output`) whose closure holds that vector;
-- the tensor hook fires in the backward with ``dY``, reduces it to ``out_sum``, and hands the
-  pair to the optimizer, which adds it to the statistics *staged* for the coming ``step()``.
+  vector lives on) and registers a *pre-hook on the autograd node that made the output* (its
+  base's when the output is a view, see :func:`_hook_output`) whose closure holds that vector;
+- the node's pre-hook fires in the backward with ``dY``, reduces it to ``out_sum``, and hands
+  the pair to the optimizer, which adds it to the statistics *staged* for the coming ``step()``.
 
 So ``in_sum`` is committed only when the matching backward arrives: a forward under
 ``torch.no_grad()``/``inference_mode`` registers nothing (its output does not require grad), and a
@@ -22,10 +22,12 @@ leaves nothing behind: its closure dies with its graph. Every call of a module p
 ``X`` with its own ``dY``, so a module called twice, or two Linear modules sharing a weight, add
 into the same staged sums, as the gradient does.
 
-Why a tensor hook rather than ``register_full_backward_hook``: the full backward hook wraps the
-module's outputs in a ``BackwardHookFunction`` that breaks in-place ops on them (an in-place
-ReLU after the Linear raises), and it still needs per-call pairing with the forward. A tensor
-hook registered before an in-place op receives the gradient of the value it was registered on.
+Why a hook on the output's node rather than ``register_full_backward_hook``: the full backward
+hook wraps the module's outputs in a ``BackwardHookFunction`` that breaks in-place ops on them
+(an in-place ReLU after the Linear raises), and it still needs per-call pairing with the
+forward. The node that made the output stays in the graph when an in-place op follows, so its
+pre-hook receives the gradient of the value the output had in the forward (as a tensor hook
+registered there would, at less cost).
 
 ``fused_linear=True`` replaces the forward of each qualifying ``nn.Linear`` (an instance attribute,
 removed again by :meth:`StatsHooks.remove`) by a custom autograd Function whose backward computes
@@ -36,12 +38,12 @@ It saves exactly what ``F.linear`` saves (``X`` and ``W``).
 A weight tied to an ``nn.Embedding`` (a tied LM head) keeps IO-Adam: the embedding gradient is
 ``G_emb[v, :] = sum_tokens [id = v] dE``, an outer-product sum like the Linear's with the one-hot
 token as the vocabulary-side factor. The embedding's forward hook counts the tokens
-(``count(v)`` = the sum of the indicator to any power; 0 for the padding row) and its tensor hook
-reduces ``dE`` to ``sum_tokens |dE|^p``; they are staged apart from the Linear use's sums
-(``opt._stage_embedding_stats``), because the optimizer bounds each use by Hölder on its own
-statistics and the tied gradient by the sum of the two bounds (``lowmem.optim.ioadam``). Summing
-them into the Linear use's sums would also bound ``|G|``, but with a cross term ``count(v) *
-sum_tokens |H|^p`` far above either use's bound.
+(``count(v)`` = the sum of the indicator to any power; 0 for the padding row) and the pre-hook
+on its output's node reduces ``dE`` to ``sum_tokens |dE|^p``; they are staged apart from the
+Linear use's sums (``opt._stage_embedding_stats``), because the optimizer bounds each use by
+Hölder on its own statistics and the tied gradient by the sum of the two bounds
+(``lowmem.optim.ioadam``). Summing them into the Linear use's sums would also bound ``|G|``, but
+with a cross term ``count(v) * sum_tokens |H|^p`` far above either use's bound.
 """
 
 from __future__ import annotations
@@ -74,24 +76,28 @@ _POWER_SUM_CHUNK = 1 << 16  # elements per chunk of the CPU fallback: its tempor
 def power_sum(t: Tensor, p: float) -> Tensor:
     """``sum_tokens |t|^p`` per feature (last dim), in at least fp32, without a t-sized temporary.
 
-    One read of ``t``: float32 contiguous CPU tensors go to the native kernel (per-thread column
-    sums in double); other CPU tensors are reduced in chunks of rows (``torch.linalg.vector_norm``
-    over the token dim, the strided dim of a row-major (tokens x features) matrix, took ~15x the
-    time of a row-contiguous pass on CPU: ~14% of a training step of the lm config); on other
-    devices ``vector_norm``.
+    One read of ``t``, and no autograd history (only ``t``'s values are read, so the hooks need
+    no ``torch.no_grad()``): float32 contiguous CPU tensors go straight to the native kernel
+    (per-thread column sums in double; this path, taken twice per Linear call, does no Python
+    beyond the call itself); other CPU tensors are reduced in chunks of rows
+    (``torch.linalg.vector_norm`` over the token dim, the strided dim of a row-major (tokens x
+    features) matrix, took ~15x the time of a row-contiguous pass on CPU: ~14% of a training step
+    of the lm config); on other devices ``vector_norm``.
     """
-    t2 = tokens_by_features(t.detach())
-    acc = torch.promote_types(t.dtype, torch.float32)
-    n_tokens, n_features = t2.shape
-    if t2.device.type != "cpu" or n_tokens * n_features == 0:
-        return torch.linalg.vector_norm(t2, ord=p, dim=0, dtype=acc).pow_(p)
-    lib = _dispatch.native_library() if _native.native_ok(t2) else None
+    t2 = t if t.is_contiguous() else tokens_by_features(t.detach())  # contiguous: (tokens x features) as it is
+    n_features, numel = t2.shape[-1], t2.numel()
+    lib = _dispatch.native_library() if numel and _native.native_ok(t2) else None
     if lib is not None:
         out = torch.empty(n_features, dtype=torch.float32)
-        status = lib.lowmem_power_sum_f32(n_tokens, n_features, t2.data_ptr(), float(p), out.data_ptr(),
+        status = lib.lowmem_power_sum_f32(numel // n_features, n_features, t2.data_ptr(), float(p), out.data_ptr(),
                                           torch.get_num_threads())  # fmt: skip
-        _native.check_status(status, "IOAdam statistics")
+        if status:
+            _native.check_status(status, "IOAdam statistics")
         return out
+    t2 = tokens_by_features(t2.detach())
+    acc = torch.promote_types(t.dtype, torch.float32)
+    if t2.device.type != "cpu" or numel == 0:
+        return torch.linalg.vector_norm(t2, ord=p, dim=0, dtype=acc).pow_(p)
     out = torch.zeros(n_features, dtype=acc)
     for chunk in t2.split(max(1, _POWER_SUM_CHUNK // n_features)):
         chunk = chunk.to(acc)
@@ -209,19 +215,23 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def _hook_output(out: Tensor, hook: Callable[[Tensor], None]) -> None:
-    """Register ``hook`` to receive the gradient of ``out`` (any leading shape, features last).
+def _hook_output(out: Tensor, hook: Callable[..., None], *hook_args: Any) -> None:
+    """Have ``hook(*hook_args, i, grad_outputs)`` receive the gradient of ``out`` (any leading
+    shape, features last) as ``grad_outputs[i]``: a pre-hook on the autograd node that made it.
 
     ``F.linear`` on a 3-D input with a bias (and ``F.embedding``) returns a *view* of a 2-D
-    result; a hook on such a view is lost if the view is later modified in place (an in-place
-    ReLU after the Linear), because autograd rebases the view's history onto its base. The base
-    holds the same elements (tokens x features), so hook it instead: a hook on a tensor fires
-    with the gradient of the value it had when the hook was registered.
+    result; the view's node is dropped from the graph if the view is later modified in place (an
+    in-place ReLU after the Linear), because autograd rebases the view's history onto its base.
+    The base holds the same elements (tokens x features), so hook the base's node instead. A node
+    stays in the graph when its output is modified in place later (the in-place op's node is
+    added after it), so the hook gets the gradient of the value ``out`` had here, as a tensor
+    hook registered now would; a node pre-hook costs less than a tensor hook, registered and
+    called (two per Linear call).
     """
     base = out._base if out._is_view() else None
     if base is not None and base.numel() == out.numel() and base.shape[-1] == out.shape[-1]:
         out = base
-    out.register_hook(hook)
+    out.grad_fn.register_prehook(partial(hook, *hook_args, out.output_nr))
 
 
 def _linear_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -229,17 +239,14 @@ def _linear_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args: t
     if opt is None or not isinstance(out, Tensor) or not out.requires_grad or not param.requires_grad:
         return
     p, q = opt._io_exponents(param)
-    with torch.no_grad():
-        in_sum = power_sum(_first_input(args, kwargs), p)
-    _hook_output(out, partial(_linear_backward_hook, ref, param, in_sum, q))
+    _hook_output(out, _linear_backward_hook, ref, param, power_sum(_first_input(args, kwargs), p), q)
 
 
-def _linear_backward_hook(ref: _OptRef, param: Tensor, in_sum: Tensor, q: float, grad_out: Tensor) -> None:
+def _linear_backward_hook(ref: _OptRef, param: Tensor, in_sum: Tensor, q: float, i: int, grad_outputs: tuple) -> None:
     opt = ref()
     if opt is not None:
-        with torch.no_grad():
-            out_sum, scale = power_sum(grad_out, q), opt._grad_stat_scale(q)
-            opt._stage_stats(param, out_sum if scale == 1.0 else out_sum.mul_(scale), in_sum)
+        out_sum, scale = power_sum(grad_outputs[i], q), opt._grad_stat_scale(q)
+        opt._stage_stats(param, out_sum if scale == 1.0 else out_sum.mul_(scale), in_sum)
 
 
 def _embedding_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -247,20 +254,20 @@ def _embedding_forward_hook(ref: _OptRef, param: Tensor, module: nn.Module, args
     if opt is None or not isinstance(out, Tensor) or not out.requires_grad or not param.requires_grad:
         return
     p, _ = opt._io_exponents(param)
-    with torch.no_grad():
-        ids = _first_input(args, kwargs).flatten()
-        counts = torch.bincount(ids, minlength=module.num_embeddings).to(torch.float32)
-        if module.padding_idx is not None:  # the padding row gets no gradient
-            counts[module.padding_idx] = 0.0
-    _hook_output(out, partial(_embedding_backward_hook, ref, param, counts, p))
+    ids = _first_input(args, kwargs).flatten()  # integer ids: no autograd history below
+    counts = torch.bincount(ids, minlength=module.num_embeddings).to(torch.float32)
+    if module.padding_idx is not None:  # the padding row gets no gradient
+        counts[module.padding_idx] = 0.0
+    _hook_output(out, _embedding_backward_hook, ref, param, counts, p)
 
 
-def _embedding_backward_hook(ref: _OptRef, param: Tensor, counts: Tensor, p: float, grad_out: Tensor) -> None:
+def _embedding_backward_hook(
+    ref: _OptRef, param: Tensor, counts: Tensor, p: float, i: int, grad_outputs: tuple
+) -> None:
     opt = ref()
     if opt is not None:
-        with torch.no_grad():
-            in_sum, scale = power_sum(grad_out, p), opt._grad_stat_scale(p)
-            opt._stage_embedding_stats(param, counts, in_sum if scale == 1.0 else in_sum.mul_(scale))
+        in_sum, scale = power_sum(grad_outputs[i], p), opt._grad_stat_scale(p)
+        opt._stage_embedding_stats(param, counts, in_sum if scale == 1.0 else in_sum.mul_(scale))
 
 
 class _FusedLinear(torch.autograd.Function):

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -242,10 +243,10 @@ class IOAdam(LowMemOptimizer):
 
     def _reset_transient(self) -> None:
         # Per-step, unsaved: staged (out_sum, in_sum) per weight, of its Linear use and of its
-        # embedding use (tied weights: (count, sum |dE|^p)); weights whose M got this step's
-        # fused contribution (and its b1 decay). Group index per IO weight, for the hooks.
-        self._staged: dict[Tensor, list[Tensor]] = {}
-        self._staged_emb: dict[Tensor, list[Tensor]] = {}
+        # embedding use (tied weights: (count, sum |dE|^p)), see _stage_into; weights whose M got
+        # this step's fused contribution (and its b1 decay). Group index per IO weight, for the hooks.
+        self._staged: dict[Tensor, tuple[Tensor, Tensor] | list[Tensor]] = {}
+        self._staged_emb: dict[Tensor, tuple[Tensor, Tensor] | list[Tensor]] = {}
         self._momentum_ready: set[Tensor] = set()
         self._io_group = {w: i for i, g in enumerate(self.param_groups) if g["io"] for w in g["params"]}
 
@@ -335,14 +336,28 @@ class IOAdam(LowMemOptimizer):
         use of the tied weight ``w`` (its ``Re``, ``Ce``)."""
         self._stage_into(self._staged_emb, w, counts, in_sum)
 
-    def _stage_into(self, staged_sums: dict[Tensor, list[Tensor]], w: Tensor, out_sum: Tensor, in_sum: Tensor) -> None:
+    def _stage_into(self, staged_sums: dict[Tensor, Any], w: Tensor, out_sum: Tensor, in_sum: Tensor) -> None:
+        """Stage one call's pair. The first call's pair is kept as it is (a tuple, no copies; never
+        written to: its ``in_sum`` lives on in its closure, which a retained graph's second
+        backward calls again); from a second call on, the staged pair is a list of copies in the
+        state dtype that each call's sums are added to in place. :meth:`_staged_sums` reads both."""
         staged = staged_sums.get(w)
         if staged is None:
+            staged_sums[w] = (out_sum, in_sum)
+            return
+        if type(staged) is tuple:
             dtype = self._state_dtype(w)
-            staged_sums[w] = [out_sum.to(dtype=dtype, copy=True), in_sum.to(dtype=dtype, copy=True)]
-        else:
-            staged[0].add_(out_sum)
-            staged[1].add_(in_sum)
+            staged = staged_sums[w] = [staged[0].to(dtype=dtype, copy=True), staged[1].to(dtype=dtype, copy=True)]
+        staged[0].add_(out_sum)
+        staged[1].add_(in_sum)
+
+    def _staged_sums(self, staged_sums: dict[Tensor, Any], w: Tensor) -> Sequence[Tensor] | None:
+        """``w``'s staged ``(out_sum, in_sum)`` in the state dtype (None: no call staged)."""
+        staged = staged_sums.get(w)
+        if staged is None or type(staged) is list:
+            return staged
+        dtype = self._state_dtype(w)
+        return staged if staged[0].dtype == dtype and staged[1].dtype == dtype else [t.to(dtype) for t in staged]
 
     def _fused_momentum(self, w: Tensor, x2d: Tensor, dy2d: Tensor) -> None:
         group = self.param_groups[self._io_group[w]]
@@ -438,8 +453,8 @@ class IOAdam(LowMemOptimizer):
             state = self.state[w]
             if not state:
                 self._init_io_state(w, group)
-            staged = self._local_rows_of(w, self._staged.get(w))
-            staged_emb = self._local_rows_of(w, self._staged_emb.get(w))
+            staged = self._local_rows_of(w, self._staged_sums(self._staged, w))
+            staged_emb = self._local_rows_of(w, self._staged_sums(self._staged_emb, w))
             if (staged is None and staged_emb is None and w.grad is not None and not _local(state["in_stats"]).any()
                     and _local(w.grad).any()):  # fmt: skip
                 name = group["param_names"][i] if "param_names" in group else f"of shape {tuple(w.shape)}"
@@ -467,7 +482,7 @@ class IOAdam(LowMemOptimizer):
             emb_in_sums.append(None if staged_emb is None else staged_emb[1])
         return lists
 
-    def _local_rows_of(self, w: Tensor, staged: list[Tensor] | None) -> list[Tensor] | None:
+    def _local_rows_of(self, w: Tensor, staged: Sequence[Tensor] | None) -> Sequence[Tensor] | None:
         """Staged ``(out_sum, in_sum)`` of ``w`` with the sum along W's dim 0 cut to this rank's
         rows under FSDP2 (the staged sums are full: every rank sees its whole micro-batch)."""
         if staged is None or not is_sharded(w):
