@@ -20,6 +20,7 @@ import importlib
 import inspect
 import os
 import re
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -39,7 +40,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import lowmem.lightning_modules  # noqa: F401  (registers short class names for configs)
-from lowmem.cli.compare import compare_main
+from lowmem.cli.compare import compare_main, read_scalars
 from lowmem.cli.config_files import expand_config_bases
 from lowmem.cli.memory import format_memory_table, memory_report
 from lowmem.cli.trainer_checks import check_trainer_config
@@ -368,10 +369,6 @@ def _discard_unused_log_dirs() -> None:
     """Remove the ``version_N`` folders this run reserved if nothing was trained into them: no
     checkpoint and no logged scalar (the config copy and an hparams-only event file of a run
     refused at setup). A folder with either is kept."""
-    import shutil
-
-    from lowmem.cli.compare import read_scalars
-
     for folder in _RESERVED_LOG_DIRS:
         if folder.is_dir() and not (folder / "checkpoints").exists() and not read_scalars(folder):
             shutil.rmtree(folder, ignore_errors=True)
